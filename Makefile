@@ -1,0 +1,57 @@
+# mtproxy-formula: one entry point for setup, demo, tests and benchmarks.
+# Every target installs what it needs (root, Debian 12).
+
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+IMAGES := haproxy mtprotoproxy
+PYTEST_ARGS ?=
+
+.PHONY: help host-setup venv images setup lint test demo demo-down bench clean
+
+help:
+	@echo "make demo       deploy a 2-replica cell into a local test host and print how to connect"
+	@echo "make demo-down  tear the demo cell down"
+	@echo "make test       lint and run the whole test suite (installs what it needs)"
+	@echo "make bench      run the benchmarks, write bench/results.md"
+	@echo "make clean      remove .venv, built images and any test host left behind"
+
+host-setup:
+	@scripts/host-setup.sh
+
+# The venv is rebuilt only when requirements.txt changes.
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt | host-setup
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -qq --upgrade pip
+	$(VENV)/bin/pip install -qq -r requirements.txt
+	touch $@
+
+# Each image is cached by the hash of its recipe (images/build.sh).
+images: | host-setup
+	@for image in $(IMAGES); do images/build.sh $$image || exit 1; done
+
+setup: host-setup venv images
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) test/testhost.py check-clean
+
+demo: setup
+	$(VPY) scripts/demo.py up
+
+demo-down:
+	$(PYTHON) scripts/demo.py down
+
+bench: setup
+	$(VPY) bench/run.py
+
+clean:
+	-$(PYTHON) test/testhost.py sweep
+	rm -rf $(VENV) build
