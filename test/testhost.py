@@ -22,6 +22,7 @@ Used by the pytest fixtures and from the shell::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -75,19 +76,15 @@ def _terminate(pids: list[int], timeout: float = 15) -> None:
     """SIGTERM the given PIDs, SIGKILL what is left after ``timeout``."""
     pids = [p for p in pids if _alive(p)]
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
         if _alive(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def netns_list() -> list[str]:
@@ -339,8 +336,9 @@ class TestHost:
         config = self.workdir / "daemon.json"
         # An empty config: the machine's /etc/docker/daemon.json is not read.
         config.write_text("{}\n")
-        log = open(self.workdir / "dockerd.log", "ab")
-        cmd = self.nsenter() + [
+        log = open(self.workdir / "dockerd.log", "ab")  # noqa: SIM115 (dockerd keeps it)
+        cmd = [
+            *self.nsenter(),
             "dockerd",
             "--data-root",
             str(self.workdir / "data"),
@@ -431,14 +429,10 @@ class TestHost:
         for group in sorted(Path("/sys/fs/cgroup").glob(f"*/{self.name}"), key=lambda p: -len(p.parts)):
             for sub in sorted(group.rglob("*"), key=lambda p: -len(p.parts)):
                 if sub.is_dir():
-                    try:
+                    with contextlib.suppress(OSError):
                         sub.rmdir()
-                    except OSError:
-                        pass
-            try:
+            with contextlib.suppress(OSError):
                 group.rmdir()
-            except OSError:
-                pass
 
 
 def sweep() -> list[str]:
