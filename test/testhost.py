@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -117,6 +118,9 @@ class TestHost:
 
     name: str
     index: int
+    # The process that created the host: sweep() leaves hosts of live owners
+    # alone; 0 marks a host kept on purpose (the demo) until `down`.
+    owner_pid: int = field(default_factory=os.getpid)
     dockerd_pid: int | None = None
     containerd_pids: list[int] = field(default_factory=list)
 
@@ -172,18 +176,20 @@ class TestHost:
     def create(cls, label: str) -> TestHost:
         """Reserve a name and a free subnet index for a new host."""
         name = label if label.startswith(PREFIX) else PREFIX + label
-        if name in netns_list() or (STATE_ROOT / name).exists():
-            raise TestHostError(f"test host {name} exists already: run `testhost.py down {name}` first")
-        used = set()
         STATE_ROOT.mkdir(parents=True, exist_ok=True)
-        for state in STATE_ROOT.glob("*/state.json"):
-            try:
-                used.add(json.loads(state.read_text())["index"])
-            except (OSError, ValueError, KeyError):
-                continue
-        index = next(i for i in range(1, MAX_INDEX + 1) if i not in used)
-        host = cls(name=name, index=index)
-        host._save()
+        with open(STATE_ROOT / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if name in netns_list() or (STATE_ROOT / name).exists():
+                raise TestHostError(f"test host {name} exists already: run `testhost.py down {name}` first")
+            used = set()
+            for state in STATE_ROOT.glob("*/state.json"):
+                try:
+                    used.add(json.loads(state.read_text())["index"])
+                except (OSError, ValueError, KeyError):
+                    continue
+            index = next(i for i in range(1, MAX_INDEX + 1) if i not in used)
+            host = cls(name=name, index=index)
+            host._save()
         return host
 
     # -- running things inside ------------------------------------------------
@@ -435,35 +441,61 @@ class TestHost:
                 group.rmdir()
 
 
-def sweep() -> list[str]:
-    """End every test host of ours, including ones an interrupted run left."""
+def sweep(force: bool = False) -> list[str]:
+    """End the test hosts that an interrupted run left behind.
+
+    A host whose creating process still runs belongs to a live session (a
+    parallel test run, a demo) and is left alone, unless ``force``.
+    """
     ended = []
+    live = set()
     if STATE_ROOT.is_dir():
         for state in sorted(STATE_ROOT.glob("*/state.json")):
             try:
                 host = TestHost.load(state.parent.name)
             except (OSError, ValueError, TypeError):
                 continue
+            kept = host.owner_pid == 0 or (host.owner_pid != os.getpid() and _alive(host.owner_pid))
+            if kept and not force:
+                live.update({host.netns, host.client_netns})
+                continue
             host.stop()
             ended.append(host.name)
     # A namespace of ours whose state file is gone: delete it after ending
     # what runs inside (it can only be ours).
     for netns in netns_list():
-        if netns.startswith(PREFIX):
+        if netns.startswith(PREFIX) and netns not in live:
             _terminate(netns_pids(netns), timeout=10)
             _run(["ip", "netns", "del", netns], check=False)
             ended.append(netns)
     return ended
 
 
-def leftovers() -> list[str]:
-    """What of ours still exists: namespaces, dockerds, mounts, state dirs."""
-    found = [f"network namespace {n}" for n in netns_list() if n.startswith(PREFIX)]
+def leftovers(owner: int | None = None) -> list[str]:
+    """What of ours still exists: namespaces, dockerds, mounts, state dirs.
+
+    With ``owner``, only what the hosts created by that process left.
+    """
+    names = None
+    if owner is not None:
+        names = set()
+        for state in STATE_ROOT.glob("*/state.json"):
+            try:
+                host = TestHost.load(state.parent.name)
+            except (OSError, ValueError, TypeError):
+                continue
+            if host.owner_pid == owner:
+                names.update({host.name, host.client_netns})
+
+    def ours(text: str) -> bool:
+        return names is None or any(name in text for name in names)
+
+    found = [f"network namespace {n}" for n in netns_list() if n.startswith(PREFIX) and ours(n)]
     out = _run(["pgrep", "-a", "dockerd"], check=False).stdout
-    found += [f"dockerd: {line}" for line in out.splitlines() if str(STATE_ROOT) in line]
-    found += [f"mount {m}" for m in mounts_under(STATE_ROOT)]
+    found += [f"dockerd: {line}" for line in out.splitlines() if str(STATE_ROOT) in line and ours(line)]
+    found += [f"mount {m}" for m in mounts_under(STATE_ROOT) if ours(m)]
     if STATE_ROOT.is_dir():
-        found += [f"state dir {d}" for d in STATE_ROOT.iterdir() if d.is_dir()]
+        found += [f"state dir {d}" for d in STATE_ROOT.iterdir() if d.is_dir() and ours(str(d))]
     return found
 
 
@@ -472,13 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start a test host and load the images")
     up.add_argument("name")
+    up.add_argument("--keep", action="store_true", help="keep it until `down` (sweep leaves it alone)")
     down = sub.add_parser("down", help="tear a test host down")
     down.add_argument("name")
     run = sub.add_parser("run", help="run a command inside a test host")
     run.add_argument("name")
     run.add_argument("--client", action="store_true", help="in the client namespace instead")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
-    sub.add_parser("sweep", help="tear down every test host of ours")
+    sweep_parser = sub.add_parser("sweep", help="tear down test hosts whose creator is gone")
+    sweep_parser.add_argument("--force", action="store_true", help="also hosts of live processes")
     sub.add_parser("check-clean", help="exit 1 if anything of ours is left")
     args = parser.parse_args(argv)
 
@@ -486,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     if name and not name.startswith(PREFIX):
         name = PREFIX + name
     if args.command == "up":
-        host = TestHost.create(name).start()
+        host = TestHost.create(name)
+        if args.keep:
+            host.owner_pid = 0
+            host._save()
+        host.start()
         print(
             json.dumps(
                 {
@@ -506,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         prefix = host.nsenter(client=args.client)
         return subprocess.call(prefix + cmd, env=host.env())
     elif args.command == "sweep":
-        for ended in sweep():
+        for ended in sweep(force=args.force):
             print(f"ended {ended}")
     elif args.command == "check-clean":
         left = leftovers()
