@@ -1,0 +1,163 @@
+"""Declare the return path HAProxy's ``usesrc clientip`` needs (transparent proxying).
+
+The kernel-facing work lives in the ``tproxy`` execution module; this state
+only maps it onto the state contract.
+
+.. code-block:: yaml
+
+    Replies of the MTProxy replicas return to HAProxy:
+      tproxy.present:
+        - name: mtproxy
+        - ports: [4431, 4432]
+        - method: mark        # or sport (no iptables at all)
+        - mark: 1
+        - table: 100
+        - family: ipv4        # ipv6 | both
+
+    MTProxy return path is gone:
+      tproxy.absent:
+        - name: mtproxy
+        - table: 100
+"""
+
+from __future__ import annotations
+
+import inspect
+
+try:
+    import pyroute2  # noqa: F401 (only probed: the execution module does the work)
+
+    HAS_PYROUTE2 = True
+except ImportError:
+    HAS_PYROUTE2 = False
+
+from salt.exceptions import CommandExecutionError, SaltInvocationError
+
+__virtualname__ = "tproxy"
+
+
+def __virtual__():
+    if not HAS_PYROUTE2:
+        return (False, "The tproxy state needs the pyroute2 Python library")
+    if "tproxy.ensure" not in __salt__:  # noqa: F821 (__salt__ and __opts__ come from Salt's loader)
+        return (False, "The tproxy execution module could not be loaded")
+    return __virtualname__
+
+
+def _summary(changes: dict, verb_done: str, verb_test: str, test: bool) -> str:
+    counts = ", ".join(f"{len(v)} {'to be ' if test else ''}{k}" for k, v in changes.items())
+    return f"{verb_test if test else verb_done} ({counts})"
+
+
+def present(
+    name,
+    ports,
+    method="mark",
+    mark=1,
+    table=100,
+    family="ipv4",
+    priority=100,
+    tag=201,
+    iptables="iptables",
+    ip6tables="ip6tables",
+):
+    """Ensure replies from the replica ``ports`` are routed back to the local transparent proxy.
+
+    name
+        Names this return path: it goes into the comment of our mangle rules.
+
+    ports
+        The replicas' TCP ports (1-65535).
+
+    method
+        ``mark``: ``ip rule fwmark MARK lookup TABLE`` plus mangle OUTPUT rules
+        marking the replicas' source ports. ``sport``: one
+        ``ip rule ipproto tcp sport FIRST-LAST lookup TABLE`` per contiguous
+        port range, no iptables; also works for replicas at 127.0.0.1.
+
+    mark, table, priority
+        Firewall mark (method mark), routing table (holding
+        ``local 0.0.0.0/0 dev lo``) and priority of our ip rules (1-32765).
+
+    family
+        ``ipv4``, ``ipv6`` or ``both``.
+
+    tag
+        Routing protocol number set on our rules and routes: how ``absent``
+        tells them from foreign ones.
+
+    iptables, ip6tables
+        The binaries (name or path) used for the mangle rules.
+
+    ``changes`` lists the rule strings ``added`` and ``removed``; when the
+    port set changes the new rules are added before the old ones go.
+    """
+    ret = {"name": name, "result": False, "changes": {}, "comment": ""}
+    args = dict(
+        ports=ports,
+        method=method,
+        mark=mark,
+        table=table,
+        family=family,
+        priority=priority,
+        tag=tag,
+        iptables=iptables,
+        ip6tables=ip6tables,
+    )
+    what = f"Return path {name!r} (method {method}, table {table}, {family})"
+    test = bool(__opts__["test"])  # noqa: F821
+    try:
+        changes = __salt__["tproxy.ensure"](name, test=test, **args)  # noqa: F821
+    except SaltInvocationError as exc:
+        ret["comment"] = f"Invalid arguments: {exc}"
+        return ret
+    except CommandExecutionError as exc:
+        ret["changes"] = getattr(exc, "info", None) or {}
+        ret["comment"] = f"{what} could not be put in place: {exc}"
+        return ret
+    if not changes:
+        ret["result"] = True
+        ret["comment"] = f"{what} is already in place"
+        return ret
+    ret["changes"] = changes
+    ret["result"] = None if test else True
+    ret["comment"] = _summary(changes, f"{what} was updated", f"{what} would be updated", test)
+    return ret
+
+
+def absent(name, table=100, family="both", tag=201, iptables="iptables", ip6tables="ip6tables"):
+    """Ensure nothing ``present`` created for ``name`` is left.
+
+    Removes our ip rules and route in ``table`` (carrying protocol ``tag``)
+    and the mangle rules whose comment names ``name``; foreign rules, routes
+    and mangle rules stay.
+    """
+    ret = {"name": name, "result": False, "changes": {}, "comment": ""}
+    what = f"Return path {name!r} (table {table}, {family})"
+    test = bool(__opts__["test"])  # noqa: F821
+    try:
+        remove = __salt__["tproxy.remove"]  # noqa: F821
+        changes = remove(name, table=table, family=family, tag=tag, iptables=iptables, ip6tables=ip6tables, test=test)
+    except SaltInvocationError as exc:
+        ret["comment"] = f"Invalid arguments: {exc}"
+        return ret
+    except CommandExecutionError as exc:
+        ret["changes"] = getattr(exc, "info", None) or {}
+        ret["comment"] = f"{what} could not be removed: {exc}"
+        return ret
+    if not changes:
+        ret["result"] = True
+        ret["comment"] = f"{what} is already absent"
+        return ret
+    ret["changes"] = changes
+    ret["result"] = None if test else True
+    ret["comment"] = _summary(changes, f"{what} was removed", f"{what} would be removed", test)
+    return ret
+
+
+def mod_watch(name, sfun=None, **kwargs):
+    """On ``watch``: run the watched function again, which restores whatever is missing."""
+    func = absent if sfun == "absent" else present
+    # The low chunk carries Salt's own keys (__id__, fun, order...): pass on ours only.
+    params = inspect.signature(func).parameters
+    return func(name, **{k: v for k, v in kwargs.items() if k in params and k != "name"})
