@@ -1,0 +1,433 @@
+"""
+Settings, links and status of an MTProxy cell deployed by mtproxy-formula.
+
+``mtproxy/map.jinja`` layers the formula's parameters and pillar, then calls
+:py:func:`resolve` to validate them and derive the rest. The other functions
+work from the same settings (:py:func:`settings` renders map.jinja), so the
+CLI and the states never disagree.
+
+CLI examples:
+
+.. code-block:: bash
+
+    salt '*' mtproxy.links
+    salt '*' mtproxy.status
+    salt '*' mtproxy.settings
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import secrets
+import urllib.parse
+from typing import Any
+
+try:
+    from salt.exceptions import CommandExecutionError
+except ImportError:  # imported without Salt, e.g. by unit tests of pure logic
+
+    class CommandExecutionError(Exception):  # type: ignore[no-redef]
+        pass
+
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "mtproxy"
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+# Secrets that appear in examples and docs: never serve with them.
+PLACEHOLDER_SECRETS = {
+    "0" * 32,
+    "0123456789abcdef0123456789abcdef",
+    "00000000000000000000000000000001",
+    "b3b34e89c9471207ad107a03b565e9a3",  # the original design's demo secret
+}
+BACKEND = "mtproxy_replicas"
+REPLICA_PREFIX = "mtproxy_"
+# Where the HAProxy container sees the bind-mounted folders.
+HAPROXY_CONFIG_MOUNT = "/etc/haproxy"
+HAPROXY_RUN_MOUNT = "/run/haproxy"
+REPLICA_CONFIG_MOUNT = "/etc/mtprotoproxy"
+
+HEALTH_CHECK_PROFILES = {
+    # Measured (DESIGN.md section 3): DOWN in about 1 s, 0 failed new
+    # connections per replica crash; observe layer4 marks a dead server down
+    # on the first failed client connection.
+    "fast": "check inter 1s fastinter 250ms downinter 1s fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down",
+    # The original design: DOWN after about 6 s.
+    "original": "check inter 3s fall 2 rise 2",
+}
+BALANCE = ("leastconn", "roundrobin")
+TPROXY_METHODS = ("mark", "sport")
+FAMILIES = ("ipv4", "ipv6", "both")
+IMAGE_REF = re.compile(
+    r"^(?:[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
+
+
+def __virtual__():
+    return __virtualname__
+
+
+class SettingsError(CommandExecutionError):
+    """A pillar value the formula cannot use; the message names the key."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise SettingsError(f"Pillar mtproxy:{key} is {value!r}: {allowed}")
+
+
+def _integer(settings: dict, key: str, low: int, high: int) -> int:
+    value = _lookup(settings, key)
+    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, str) and value.isdigit()):
+        _fail(key, value, f"use an integer from {low} to {high}")
+    number = int(value)
+    if not low <= number <= high:
+        _fail(key, value, f"use an integer from {low} to {high}")
+    return number
+
+
+def _lookup(settings: dict, key: str) -> Any:
+    node: Any = settings
+    for part in key.split(":"):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _choice(settings: dict, key: str, allowed: tuple[str, ...]) -> str:
+    value = _lookup(settings, key)
+    if value not in allowed:
+        _fail(key, value, "use one of " + ", ".join(allowed))
+    return value
+
+
+def validate_secret(secret: Any, key: str = "secret") -> str:
+    if not isinstance(secret, str) or not HEX32.match(secret.lower()):
+        _fail(
+            key,
+            "<hidden>" if isinstance(secret, str) else secret,
+            "use 32 hex characters (16 random bytes), e.g. from `openssl rand -hex 16`, or leave it empty "
+            "to generate one",
+        )
+    secret = secret.lower()
+    if secret in PLACEHOLDER_SECRETS or len(set(secret)) < 4:
+        _fail(key, "<hidden>", "this is a placeholder or trivially guessable secret; use `openssl rand -hex 16`")
+    return secret
+
+
+def generated_secret() -> str:
+    """
+    The secret generated for this host: made once, kept in the grain
+    ``mtproxy:secret`` so links stay valid across applies. Under
+    ``test=True`` a missing secret is made up but not kept.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.generated_secret
+    """
+    secret = __salt__["grains.get"]("mtproxy:secret", "")
+    if secret and HEX32.match(secret):
+        return secret
+    secret = secrets.token_hex(16)
+    if not __opts__.get("test"):
+        __salt__["grains.set"]("mtproxy:secret", secret, force=True)
+    return secret
+
+
+def primary_ipv4() -> str:
+    """
+    The host's primary IPv4 address: the address of the default route's
+    interface, else the first address that is neither loopback nor a Docker
+    bridge.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.primary_ipv4
+    """
+    try:
+        routes = __salt__["network.default_route"]("inet")
+    except CommandExecutionError:
+        routes = []
+    for route in routes:
+        address = __salt__["network.interface_ip"](route.get("interface", ""))
+        if address:
+            return address
+    interfaces = __grains__.get("ip4_interfaces", {})
+    for name in sorted(interfaces):
+        if name == "lo" or name.startswith(("docker", "br-", "veth")):
+            continue
+        for address in interfaces[name]:
+            if not ipaddress.ip_address(address).is_loopback:
+                return address
+    raise CommandExecutionError("Cannot find this host's primary IPv4 address: set pillar mtproxy:backend_address")
+
+
+def resolve(settings: dict, generate_secret: bool = True) -> dict:
+    """
+    Validate the layered settings (map.jinja) and derive what the states need.
+
+    Raises an error that names the pillar key, its value and what is allowed;
+    called at render time, so nothing on the host has changed yet.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.resolve '{"replicas": 2, ...}'
+    """
+    settings = dict(settings)
+    max_replicas = _integer(settings, "max_replicas", 1, 1000)
+    replicas = _integer(settings, "replicas", 1, max_replicas)
+    base_port = _integer(settings, "base_port", 1, 65535)
+    if base_port + replicas - 1 > 65535:
+        _fail(
+            "base_port",
+            base_port,
+            f"with {replicas} replicas the last port would be {base_port + replicas - 1}; "
+            "use a base_port that leaves room below 65536",
+        )
+    ports = list(range(base_port, base_port + replicas))
+    haproxy = dict(settings.get("haproxy") or {})
+    frontend_port = _integer(settings, "haproxy:frontend_port", 1, 65535)
+    stats_port = _integer(settings, "haproxy:stats_port", 1, 65535)
+    for key, port in (("haproxy:frontend_port", frontend_port), ("haproxy:stats_port", stats_port)):
+        if port in ports:
+            _fail(key, port, f"it lies in the replica port range {ports[0]}-{ports[-1]}; choose another port")
+    if frontend_port == stats_port:
+        _fail("haproxy:stats_port", stats_port, "it is the frontend port too; give each role its own port")
+    _choice(settings, "haproxy:balance", BALANCE)
+    _integer(settings, "haproxy:maxconn", 1, 1000000)
+    tproxy = dict(settings.get("tproxy") or {})
+    _choice(settings, "tproxy:method", TPROXY_METHODS)
+    _choice(settings, "tproxy:family", FAMILIES)
+    _integer(settings, "tproxy:mark", 1, 0xFFFFFFFF)
+    _integer(settings, "tproxy:table", 1, 0xFFFFFFFF - 1)
+    for key in ("image", "haproxy:image"):
+        image = _lookup(settings, key)
+        if not isinstance(image, str) or not IMAGE_REF.match(image):
+            _fail(key, image, "use an image reference such as mtproxy-formula/mtprotoproxy:local or repo/name:tag")
+    for key in ("haproxy:frontend_bind", "haproxy:stats_bind"):
+        _address(settings, key)
+
+    health = haproxy.get("health_check") or {}
+    server_options = health.get("options") or ""
+    if not server_options:
+        profile = _choice(settings, "haproxy:health_check:profile", tuple(HEALTH_CHECK_PROFILES))
+        server_options = HEALTH_CHECK_PROFILES[profile]
+
+    secret = settings.get("secret") or ""
+    if secret:
+        secret = validate_secret(secret)
+    elif generate_secret:
+        secret = generated_secret()
+    tls_domain = settings.get("tls_domain") or ""
+    if tls_domain and not re.match(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", tls_domain):
+        _fail("tls_domain", tls_domain, "use a DNS name such as www.example.com, or leave it empty")
+
+    backend_address = settings.get("backend_address") or primary_ipv4()
+    _address({"backend_address": backend_address}, "backend_address")
+    public_host = settings.get("public_host") or backend_address
+    docker_host = settings.get("docker_host") or __salt__["config.option"]("docker.url", "") or ""
+
+    config_dir = settings["config_dir"].rstrip("/")
+    run_dir = settings["run_dir"].rstrip("/")
+    haproxy_config_dir = f"{config_dir}/haproxy"
+    haproxy_run_dir = f"{run_dir}/haproxy"
+    replica_list = [
+        {
+            "name": f"{REPLICA_PREFIX}{index}",
+            "index": index,
+            "port": port,
+            "config_dir": f"{config_dir}/replicas/{REPLICA_PREFIX}{index}",
+        }
+        for index, port in enumerate(ports, start=1)
+    ]
+    haproxy.update(
+        {
+            "server_options": server_options,
+            "config_dir": haproxy_config_dir,
+            "config_file": f"{haproxy_config_dir}/haproxy.cfg",
+            "run_dir": haproxy_run_dir,
+            "master_socket": f"{haproxy_run_dir}/master.sock",
+            "admin_socket": f"{haproxy_run_dir}/admin.sock",
+            "state_file": f"{haproxy_run_dir}/server-state",
+            "backend": BACKEND,
+            "config_mount": HAPROXY_CONFIG_MOUNT,
+            "run_mount": HAPROXY_RUN_MOUNT,
+        }
+    )
+    tproxy["ports"] = ports
+    settings.update(
+        {
+            "replicas": replicas,
+            "base_port": base_port,
+            "ports": ports,
+            "replica_list": replica_list,
+            "replica_config_mount": REPLICA_CONFIG_MOUNT,
+            "secret": secret,
+            "tls_domain": tls_domain,
+            "backend_address": backend_address,
+            "public_host": public_host,
+            "docker_host": docker_host,
+            "config_dir": config_dir,
+            "run_dir": run_dir,
+            "haproxy": haproxy,
+            "tproxy": tproxy,
+        }
+    )
+    return settings
+
+
+def _address(settings: dict, key: str) -> str:
+    value = _lookup(settings, key)
+    try:
+        return str(ipaddress.ip_address(value))
+    except (ValueError, TypeError):
+        _fail(key, value, "use an IP address such as 0.0.0.0 or 127.0.0.1")
+    return ""
+
+
+def existing_replicas() -> list[str]:
+    """
+    Names of the replica containers (``mtproxy_<n>``) that exist now, running
+    or not, in replica order. Empty when the Docker modules are not loaded yet
+    (a first run on a fresh host).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.existing_replicas
+    """
+    if "docker.list_containers" not in __salt__:
+        return []
+    try:
+        names = __salt__["docker.list_containers"](all=True)
+    except Exception as exc:  # the engine is not up yet: nothing exists
+        log.debug("mtproxy: cannot list containers: %s", exc)
+        return []
+    replicas = [n for n in names if re.match(rf"^{REPLICA_PREFIX}\d+$", n)]
+    return sorted(replicas, key=lambda n: int(n[len(REPLICA_PREFIX) :]))
+
+
+def settings() -> dict:
+    """
+    The cell's resolved settings, exactly as the states see them (rendered
+    from mtproxy/map.jinja). The secret is included: treat the output as
+    sensitive.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.settings
+    """
+    template = (
+        "{%- set tpldir = 'mtproxy' %}{%- from 'mtproxy/map.jinja' import mtproxy with context %}{{ mtproxy | json }}"
+    )
+    rendered = __salt__["slsutil.renderer"](string=template, default_renderer="jinja|json")
+    return rendered
+
+
+def build_links(host: str, port: int, secret: str, tls_domain: str = "") -> list[dict]:
+    """Client links for one secret: the padded (``dd``) form, and fake-TLS (``ee``) when a domain is set."""
+    forms = [("secure", "dd" + secret)]
+    if tls_domain:
+        forms.append(("fake-tls", "ee" + secret + tls_domain.encode().hex()))
+    links = []
+    for mode, client_secret in forms:
+        query = urllib.parse.urlencode({"server": host, "port": port, "secret": client_secret})
+        links.append({"mode": mode, "tg": f"tg://proxy?{query}", "https": f"https://t.me/proxy?{query}"})
+    return links
+
+
+def mask(text: str, secret: str) -> str:
+    """Hide the secret in ``text``, keeping its first 4 characters as a hint."""
+    return text.replace(secret, secret[:4] + "…" + "*" * 8) if secret else text
+
+
+def links(masked: bool = False) -> list[dict]:
+    """
+    The links clients use to connect, for the cell's public host and
+    frontend port (``tg://`` and ``https://t.me``).
+
+    masked
+        Hide the secret (for logs and state output).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.links
+    """
+    cell = settings()
+    result = build_links(cell["public_host"], cell["haproxy"]["frontend_port"], cell["secret"], cell["tls_domain"])
+    if masked:
+        for link in result:
+            for key in ("tg", "https"):
+                link[key] = mask(link[key], cell["secret"])
+    return result
+
+
+def status() -> dict:
+    """
+    Per replica: container state, HAProxy status and current sessions; plus
+    the HAProxy container's state and the stats URL.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.status
+    """
+    cell = settings()
+    haproxy = cell["haproxy"]
+    servers: dict[str, dict] = {}
+    haproxy_error = None
+    try:
+        for server in __salt__["haproxy_runtime.servers"](
+            backend=BACKEND, admin_socket=haproxy["admin_socket"], master_socket=haproxy["master_socket"]
+        ):
+            servers[server["server"]] = server
+    except CommandExecutionError as exc:
+        haproxy_error = str(exc)
+
+    def container_state(name: str) -> str:
+        try:
+            return __salt__["docker.state"](name)
+        except CommandExecutionError:
+            return "absent"
+
+    names = sorted(
+        {r["name"] for r in cell["replica_list"]} | set(existing_replicas()),
+        key=lambda n: int(n[len(REPLICA_PREFIX) :]),
+    )
+    replicas = []
+    for name in names:
+        server = servers.get(name, {})
+        replicas.append(
+            {
+                "name": name,
+                "port": cell["base_port"] + int(name[len(REPLICA_PREFIX) :]) - 1,
+                "container": container_state(name),
+                "haproxy": server.get("status", "not configured"),
+                "sessions": server.get("scur", 0),
+                "check": server.get("check_status", ""),
+            }
+        )
+    return {
+        "haproxy": {
+            "container": container_state(haproxy["container"]),
+            "frontend": f"{haproxy['frontend_bind']}:{haproxy['frontend_port']}",
+            "stats_url": f"http://{haproxy['stats_bind']}:{haproxy['stats_port']}/stats",
+            "error": haproxy_error,
+        },
+        "replicas": replicas,
+    }

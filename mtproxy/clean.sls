@@ -1,0 +1,46 @@
+# -*- coding: utf-8 -*-
+# vim: ft=sls
+# Removes everything mtproxy (init.sls) created: containers, return-path
+# rules, config and run folders, the sysctl config file. The Docker engine,
+# the Python packages, the kernel's current sysctl values and the generated
+# secret (grain mtproxy:secret, so a redeploy keeps its links) stay.
+{%- set tplroot = tpldir.split('/')[0] %}
+{%- from tplroot ~ "/map.jinja" import mtproxy with context %}
+{%- set replicas = (salt['mtproxy.existing_replicas']() + mtproxy.replica_list | map(attribute='name') | list)
+                   | unique %}
+
+HAProxy container is removed:
+  docker_container.absent:
+    - name: {{ mtproxy.haproxy.container }}
+    - force: true
+
+{%- for name in replicas %}
+
+Replica {{ name }} is removed:
+  docker_container.absent:
+    - name: {{ name }}
+    - force: true
+    - require:
+      - docker_container: HAProxy container is removed
+{%- endfor %}
+
+Return-path rules and routes are removed:
+  tproxy.absent:
+    - name: mtproxy
+    - method: {{ mtproxy.tproxy.method }}
+    - mark: {{ mtproxy.tproxy.mark }}
+    - table: {{ mtproxy.tproxy.table }}
+    - family: {{ mtproxy.tproxy.family }}
+    - require:
+{%- for name in replicas %}
+      - docker_container: Replica {{ name }} is removed
+{%- endfor %}
+
+{%- for folder in (mtproxy.config_dir, mtproxy.run_dir, mtproxy.sysctl_config) %}
+
+{{ folder }} of mtproxy is removed:
+  file.absent:
+    - name: {{ folder }}
+    - require:
+      - tproxy: Return-path rules and routes are removed
+{%- endfor %}

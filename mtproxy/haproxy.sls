@@ -1,0 +1,113 @@
+# -*- coding: utf-8 -*-
+# vim: ft=sls
+# HAProxy in front of the replicas: validated config, a container that never
+# restarts for a config change, and a confirmed graceful reload.
+{%- set tplroot = tpldir.split('/')[0] %}
+{%- from tplroot ~ "/map.jinja" import mtproxy with context %}
+{%- set haproxy = mtproxy.haproxy %}
+{%- set existing = salt['mtproxy.existing_replicas']() %}
+{%- set wanted = mtproxy.replica_list | map(attribute='name') | list %}
+{%- set validator = salt['config.get']('extension_modules') ~ '/modules/haproxy_runtime.py' %}
+{#- The HAProxy config has no business with the secret. #}
+{%- set cell = mtproxy.copy() %}
+{%- do cell.pop('secret') %}
+
+include:
+  - .replicas
+
+HAProxy run directory exists and is root-only:
+  file.directory:
+    - name: {{ haproxy.run_dir }}
+    - makedirs: true
+    - mode: '0700'
+    - user: root
+    - group: root
+
+HAProxy config is valid and in place:
+  file.managed:
+    - name: {{ haproxy.config_file }}
+    - source: salt://{{ tplroot }}/templates/haproxy.cfg.jinja
+    - template: jinja
+    - makedirs: true
+    - dir_mode: '0700'
+    - mode: '0600'
+    - user: root
+    - group: root
+    # A candidate that HAProxy rejects never replaces the live file.
+    - check_cmd: >-
+        {{ grains.pythonexecutable }} {{ validator }} --image {{ haproxy.image }}
+        {%- if mtproxy.docker_host %} --docker-host {{ mtproxy.docker_host }}{% endif %}
+    - context:
+        mtproxy: {{ cell | json }}
+
+HAProxy container is running:
+  docker_container.running:
+    - name: {{ haproxy.container }}
+    - image: {{ haproxy.image }}
+    - network_mode: host
+    # `usesrc clientip` needs root with NET_ADMIN/NET_RAW; nothing else.
+    - user: root
+    - cap_drop:
+      - ALL
+    - cap_add:
+      - NET_ADMIN
+      - NET_RAW
+      - NET_BIND_SERVICE
+    - restart_policy: always
+    - command: >-
+        haproxy -W -db -S {{ haproxy.run_mount }}/master.sock,mode,600
+        -f {{ haproxy.config_mount }}/haproxy.cfg
+    # The folders, not the file: file.managed replaces the inode.
+    - binds:
+      - {{ haproxy.config_dir }}:{{ haproxy.config_mount }}:ro
+      - {{ haproxy.run_dir }}:{{ haproxy.run_mount }}:rw
+    - labels:
+      - mtproxy-formula.role=haproxy
+    - require:
+      - file: HAProxy config is valid and in place
+      - file: HAProxy run directory exists and is root-only
+{%- for replica in mtproxy.replica_list %}
+      - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
+{%- endfor %}
+
+HAProxy reloads gracefully when its config changes:
+  module.run:
+    - haproxy_runtime.reload:
+      - master_socket: {{ haproxy.master_socket }}
+      - admin_socket: {{ haproxy.admin_socket }}
+      - state_file: {{ haproxy.state_file }}
+      - timeout: {{ haproxy.reload_timeout }}
+    - onchanges:
+      - file: HAProxy config is valid and in place
+    - require:
+      - docker_container: HAProxy container is running
+
+{%- for name in existing if name not in wanted %}
+
+Extra replica {{ name }} is removed:
+  docker_container.absent:
+    - name: {{ name }}
+    - force: true
+    - require:
+      - module: HAProxy reloads gracefully when its config changes
+
+Config of extra replica {{ name }} is removed:
+  file.absent:
+    - name: {{ mtproxy.config_dir }}/replicas/{{ name }}
+    - require:
+      - docker_container: Extra replica {{ name }} is removed
+{%- endfor %}
+
+Return path covers exactly the replica ports:
+  tproxy.present:
+    - name: mtproxy
+    - ports: {{ mtproxy.ports | json }}
+    - method: {{ mtproxy.tproxy.method }}
+    - mark: {{ mtproxy.tproxy.mark }}
+    - table: {{ mtproxy.tproxy.table }}
+    - family: {{ mtproxy.tproxy.family }}
+    - require:
+      - module: HAProxy reloads gracefully when its config changes
+{%- for name in existing if name not in wanted %}
+      - docker_container: Extra replica {{ name }} is removed
+{%- endfor %}

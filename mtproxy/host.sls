@@ -1,0 +1,32 @@
+# -*- coding: utf-8 -*-
+# vim: ft=sls
+# Host preparation for transparent proxying: sysctls, and the policy routing
+# that brings the replicas' replies back to HAProxy (DESIGN.md section 2).
+{%- set tplroot = tpldir.split('/')[0] %}
+{%- from tplroot ~ "/map.jinja" import mtproxy with context %}
+{%- set existing = salt['mtproxy.existing_replicas']() %}
+{#- Until the extra replicas are gone (haproxy.sls), their ports stay routed:
+    their clients must not lose the return path. #}
+{%- set ports = mtproxy.ports[:] %}
+{%- for name in existing %}
+{%-   do ports.append(mtproxy.base_port - 1 + name[8:] | int) %}
+{%- endfor %}
+{%- set ports = ports | unique | sort %}
+
+{%- for key, value in mtproxy.sysctls | dictsort %}
+
+Kernel parameter {{ key }} is {{ value }}:
+  sysctl.present:
+    - name: {{ key }}
+    - value: {{ value }}
+    - config: {{ mtproxy.sysctl_config }}
+{%- endfor %}
+
+Replica replies are routed back to HAProxy:
+  tproxy.present:
+    - name: mtproxy
+    - ports: {{ ports | json }}
+    - method: {{ mtproxy.tproxy.method }}
+    - mark: {{ mtproxy.tproxy.mark }}
+    - table: {{ mtproxy.tproxy.table }}
+    - family: {{ mtproxy.tproxy.family }}

@@ -1,0 +1,49 @@
+# -*- coding: utf-8 -*-
+# vim: ft=sls
+# MTProxy replicas mtproxy_1..N on the host network, one port each.
+{%- set tplroot = tpldir.split('/')[0] %}
+{%- from tplroot ~ "/map.jinja" import mtproxy with context %}
+
+include:
+  - .host
+
+{%- for replica in mtproxy.replica_list %}
+
+Replica {{ replica.name }} has its config:
+  file.managed:
+    - name: {{ replica.config_dir }}/config.py
+    - source: salt://{{ tplroot }}/templates/mtprotoproxy.py.jinja
+    - template: jinja
+    - makedirs: true
+    - dir_mode: '0700'
+    - mode: '0600'
+    - user: root
+    - group: root
+    # The file holds the secret: never print it.
+    - show_changes: false
+    - context:
+        port: {{ replica.port }}
+        secret: {{ mtproxy.secret }}
+        tls_domain: {{ mtproxy.tls_domain | json }}
+        listen_address: {{ mtproxy.backend_address }}
+
+Replica {{ replica.name }} is running on port {{ replica.port }}:
+  docker_container.running:
+    - name: {{ replica.name }}
+    - image: {{ mtproxy.image }}
+    - network_mode: host
+    # Without an init, mtprotoproxy ignores SIGTERM: every stop took 10 s.
+    - init: true
+    - restart_policy: always
+    - command: {{ mtproxy.replica_config_mount }}/config.py
+    - binds:
+      - {{ replica.config_dir }}:{{ mtproxy.replica_config_mount }}:ro
+    - labels:
+      - mtproxy-formula.role=replica
+    # mtprotoproxy re-reads its config on SIGUSR2: no restart, no drop.
+    - watch_action: SIGUSR2
+    - watch:
+      - file: Replica {{ replica.name }} has its config
+    - require:
+      - tproxy: Replica replies are routed back to HAProxy
+{%- endfor %}
