@@ -82,7 +82,7 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 def _integer(settings: dict, key: str, low: int, high: int) -> int:
     value = _lookup(settings, key)
-    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, str) and value.isdigit()):
+    if isinstance(value, bool) or (not isinstance(value, int) and not (isinstance(value, str) and value.isdigit())):
         _fail(key, value, f"use an integer from {low} to {high}")
     number = int(value)
     if not low <= number <= high:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "test"))
 
-from cell import apply, cell_pillar, wait_servers_up  # noqa: E402
-from testhost import STATE_ROOT, TestHost  # noqa: E402
+from cell import apply, cell_pillar, wait_servers_up
+from testhost import STATE_ROOT, TestHost
 
 NAME = "mtpf-demo"
 REPLICAS = 2

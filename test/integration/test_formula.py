@@ -76,7 +76,7 @@ def test_second_apply_changes_nothing(cell):
 
 
 def test_test_mode_lists_changes_and_leaves_the_host_alone(cell):
-    host, pillar, _ = cell
+    host, _, _ = cell
     before = (
         containers(host),
         ip_rules(host),
