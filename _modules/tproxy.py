@@ -191,7 +191,8 @@ def _int_arg(value, what: str, low: int, high: int) -> int:
     if isinstance(value, bool):
         raise SaltInvocationError(f"{what} must be a number from {low} to {high}, not {value!r}")
     try:
-        number = int(str(value), 0) if isinstance(value, str) else int(value)
+        # Marks are often written in hex (0x1), ports and tables in decimal.
+        number = int(value, 16) if isinstance(value, str) and value.lower().startswith("0x") else int(value)
     except (TypeError, ValueError):
         raise SaltInvocationError(f"{what} must be a number from {low} to {high}, not {value!r}") from None
     if not low <= number <= high:

@@ -1,0 +1,157 @@
+"""Pure logic of the tproxy execution module: port ranges, multiport groups, validation, plans."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from salt.exceptions import SaltInvocationError
+
+_PATH = Path(__file__).resolve().parents[2] / "_modules" / "tproxy.py"
+_spec = importlib.util.spec_from_file_location("tproxy_module_under_test", _PATH)
+tproxy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tproxy)
+
+Route, Rule, Mangle = tproxy.Route, tproxy.Rule, tproxy.Mangle
+
+
+@pytest.mark.parametrize(
+    ("ports", "ranges"),
+    [
+        ([4431], [(4431, 4431)]),
+        ([4432, 4431], [(4431, 4432)]),
+        ([4431, 4432, 4433, 4434], [(4431, 4434)]),
+        ([4431, 4432, 4434, 4434, 4440], [(4431, 4432), (4434, 4434), (4440, 4440)]),
+        ([1, 65535], [(1, 1), (65535, 65535)]),
+    ],
+)
+def test_port_ranges(ports, ranges):
+    assert tproxy.port_ranges(ports) == ranges
+
+
+def test_multiport_groups_count_a_range_as_two_slots():
+    singles = [(p, p) for p in range(1000, 1030, 2)]  # 15 singles: one rule
+    assert tproxy.multiport_groups(singles) == [singles]
+    sixteen = [*singles, (2000, 2000)]
+    assert tproxy.multiport_groups(sixteen) == [singles, [(2000, 2000)]]
+    ranges = [(p, p + 1) for p in range(1000, 1080, 10)]  # 8 ranges = 16 slots
+    groups = tproxy.multiport_groups(ranges)
+    assert groups == [ranges[:7], ranges[7:]]
+    assert tproxy.multiport_arg(groups[0][:2]) == "1000:1001,1010:1011"
+    assert tproxy.multiport_arg([(4431, 4431), (4433, 4434)]) == "4431,4433:4434"
+
+
+def test_validate_normalises():
+    spec = tproxy.validate("cell", ["4432", 4431, 4431], table="0x64", family="both")
+    assert spec.ports == (4431, 4432)
+    assert spec.table == 100
+    assert spec.families == ("ipv4", "ipv6")
+    assert tproxy.validate("cell", 4431).ports == (4431,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ports": []}, "No ports given"),
+        ({"ports": None}, "No ports given"),
+        ({"ports": [0]}, "Port must be from 1 to 65535, not 0"),
+        ({"ports": [65536]}, "Port must be from 1 to 65535, not 65536"),
+        ({"ports": ["x"]}, "Port must be a number"),
+        ({"ports": [True]}, "Port must be a number"),
+        ({"method": "nat"}, "Unknown method 'nat'"),
+        ({"family": "ipx"}, "Unknown family 'ipx'"),
+        ({"mark": 0}, "Mark must be from 1 to 4294967295, not 0"),
+        ({"mark": 2**32}, "Mark must be from 1"),
+        ({"table": 0}, "Table must be from 1"),
+        ({"table": 254}, "kernel's main table"),
+        ({"table": 255}, "kernel's local table"),
+        ({"table": 2**32}, "Table must be from 1"),
+        ({"priority": 32766}, "Priority must be from 1 to 32765"),
+        ({"tag": 4}, "Tag 4 is a routing protocol number the kernel uses"),
+        ({"name": 'a"b'}, "cannot be used in an iptables comment"),
+        ({"name": ""}, "Name must be a non-empty string"),
+    ],
+)
+def test_validate_errors(kwargs, message):
+    args = {"name": "cell", "ports": [4431, 4432], **kwargs}
+    with pytest.raises(SaltInvocationError, match=message.replace("(", r"\(")):
+        tproxy.validate(**args)
+
+
+def test_desired_mark():
+    spec = tproxy.validate("cell", [4431, 4432, 4434])
+    tokens = tproxy.mangle_tokens([(4431, 4432), (4434, 4434)], 1, "mtproxy-formula tproxy: cell")
+    assert tokens[4:6] == ("--sports", "4431:4432,4434")
+    assert tokens[-2:] == ("--set-xmark", "0x1/0xffffffff")
+    assert tproxy.desired(spec) == [
+        Route("ipv4", 100, 201),
+        Rule("ipv4", 100, 100, 201, fwmark=1),
+        Mangle("ipv4", tokens),
+    ]
+
+
+def test_desired_sport_both_families():
+    spec = tproxy.validate("cell", [4431, 4432, 4434], method="sport", family="both", table=7, priority=50)
+    assert tproxy.desired(spec) == [
+        Route("ipv4", 7, 201),
+        Rule("ipv4", 50, 7, 201, sport=(4431, 4432)),
+        Rule("ipv4", 50, 7, 201, sport=(4434, 4434)),
+        Route("ipv6", 7, 201),
+        Rule("ipv6", 50, 7, 201, sport=(4431, 4432)),
+        Rule("ipv6", 50, 7, 201, sport=(4434, 4434)),
+    ]
+
+
+def test_diff_port_change_adds_before_it_removes():
+    old = tproxy.desired(tproxy.validate("cell", [4431, 4432], method="sport"))
+    new = tproxy.desired(tproxy.validate("cell", [4431, 4432, 4433, 4434], method="sport"))
+    add, remove = tproxy.diff(new, old)
+    assert add == [Rule("ipv4", 100, 100, 201, sport=(4431, 4434))]
+    assert remove == [Rule("ipv4", 100, 100, 201, sport=(4431, 4432))]
+    assert tproxy.diff(new, new) == ([], [])
+
+
+def test_diff_orders_and_dedups():
+    want = tproxy.desired(tproxy.validate("cell", [4431, 4432]))
+    route, rule, mangle = want
+    stale_rule = Rule("ipv4", 100, 100, 201, sport=(1, 2))
+    # A duplicate of ours goes, the wanted copy stays.
+    add, remove = tproxy.diff(want, [mangle, mangle, stale_rule])
+    assert add == [route, rule]
+    assert remove == [mangle, stale_rule]  # mangle before rules before routes
+    # A wanted route that exists but is not ours is neither added nor removed.
+    assert tproxy.diff(want, [rule, mangle], satisfied={route}) == ([], [])
+
+
+def test_rule_with_extra_selectors_is_never_wanted():
+    ours = Rule("ipv4", 100, 100, 201, fwmark=1)
+    edited = ours._replace(extra="FRA_IIFNAME=eth0")
+    assert tproxy.diff([ours], [edited]) == ([ours], [edited])
+
+
+def test_parse_mangle_takes_only_our_exact_comment():
+    out = "\n".join(
+        [
+            "-P OUTPUT ACCEPT",
+            '-A OUTPUT -p tcp -m multiport --sports 4431:4432 -m comment --comment "mtproxy-formula tproxy: cell"'
+            " -j MARK --set-xmark 0x1/0xffffffff",
+            '-A OUTPUT -p tcp -m comment --comment "mtproxy-formula tproxy: cell2" -j MARK --set-xmark 0x1/0xffffffff',
+            "-A OUTPUT -p tcp -m tcp --sport 4431 -j MARK --set-xmark 0x1/0xffffffff",
+        ]
+    )
+    found = tproxy.parse_mangle(out, "ipv4", "mtproxy-formula tproxy: cell")
+    spec = tproxy.validate("cell", [4431, 4432])
+    assert found == [tproxy.desired(spec)[2]]
+
+
+def test_describe():
+    assert tproxy.describe(Route("ipv6", 100, 201)) == "ip -6 route local ::/0 dev lo table 100 proto 201"
+    assert tproxy.describe(Rule("ipv4", 100, 100, 201, fwmark=1)) == "ip rule pref 100 fwmark 0x1 lookup 100 proto 201"
+    assert (
+        tproxy.describe(Rule("ipv4", 9, 100, 201, sport=(4431, 4431)))
+        == "ip rule pref 9 ipproto tcp sport 4431 lookup 100 proto 201"
+    )
+    mangle = tproxy.desired(tproxy.validate("a b", [4431]))[2]
+    assert tproxy.describe(mangle).startswith("iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431 ")
+    assert "--comment 'mtproxy-formula tproxy: a b'" in tproxy.describe(mangle)
