@@ -39,7 +39,7 @@ __virtualname__ = "tproxy"
 def __virtual__():
     if not HAS_PYROUTE2:
         return (False, "The tproxy state needs the pyroute2 Python library")
-    if "tproxy.ensure" not in __salt__:  # noqa: F821 (__salt__ and __opts__ come from Salt's loader)
+    if "tproxy.ensure" not in __salt__:
         return (False, "The tproxy execution module could not be loaded")
     return __virtualname__
 
@@ -105,9 +105,9 @@ def present(
         ip6tables=ip6tables,
     )
     what = f"Return path {name!r} (method {method}, table {table}, {family})"
-    test = bool(__opts__["test"])  # noqa: F821
+    test = bool(__opts__["test"])
     try:
-        changes = __salt__["tproxy.ensure"](name, test=test, **args)  # noqa: F821
+        changes = __salt__["tproxy.ensure"](name, test=test, **args)
     except SaltInvocationError as exc:
         ret["comment"] = f"Invalid arguments: {exc}"
         return ret
@@ -134,9 +134,9 @@ def absent(name, table=100, family="both", tag=201, iptables="iptables", ip6tabl
     """
     ret = {"name": name, "result": False, "changes": {}, "comment": ""}
     what = f"Return path {name!r} (table {table}, {family})"
-    test = bool(__opts__["test"])  # noqa: F821
+    test = bool(__opts__["test"])
     try:
-        remove = __salt__["tproxy.remove"]  # noqa: F821
+        remove = __salt__["tproxy.remove"]
         changes = remove(name, table=table, family=family, tag=tag, iptables=iptables, ip6tables=ip6tables, test=test)
     except SaltInvocationError as exc:
         ret["comment"] = f"Invalid arguments: {exc}"
