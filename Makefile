@@ -38,6 +38,8 @@ setup: host-setup venv images
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/yamllint -s pillar.example kitchen.yml mtproxy/parameters test/kitchen/pillar
+	$(VENV)/bin/salt-lint mtproxy/*.sls
 
 test: setup lint
 	$(VPY) -m pytest $(PYTEST_ARGS)

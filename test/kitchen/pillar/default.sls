@@ -1,0 +1,2 @@
+# Kitchen suite "default": the formula's defaults.
+mtproxy: {}
