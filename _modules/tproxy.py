@@ -63,6 +63,7 @@ RT_SCOPE_HOST = 254
 FR_ACT_TO_TBL = 1
 IPPROTO_TCP = 6
 FULL_MASK = 0xFFFFFFFF
+FRA_SPORT_MASK = 28
 # Rule attributes our rules carry (or the kernel adds with neutral values).
 KNOWN_RULE_ATTRS = {
     "FRA_TABLE",
@@ -435,7 +436,11 @@ def _rule_from(msg, family: str, table: int, tag: int) -> Rule:
     if "FRA_SPORT_RANGE" in attrs:
         first, last = (int(x) for x in str(attrs["FRA_SPORT_RANGE"]).split(":"))
         sport = (first, last)
-    extra = [f"{k}={v}" for k, v in attrs.items() if k not in KNOWN_RULE_ATTRS]
+    extra = [f"{k}={v}" for k, v in attrs.items() if k not in KNOWN_RULE_ATTRS and k != "UNKNOWN"]
+    # Attributes pyroute2 cannot decode come as UNKNOWN; FRA_SPORT_MASK (28) is
+    # one, added by newer kernels to a single-port sport rule: neutral for us.
+    unknown = [v["header"]["type"] for k, v in msg["attrs"] if k == "UNKNOWN"]
+    extra += [f"attr{t}" for t in unknown if t != FRA_SPORT_MASK]
     extra += [f"{k}={msg[k]}" for k in ("src_len", "dst_len", "tos", "flags") if msg[k]]
     if msg["action"] != FR_ACT_TO_TBL:
         extra.append(f"action={msg['action']}")

@@ -1,0 +1,529 @@
+"""The ``tproxy`` state against a real kernel, inside the network namespaces of a bare test host.
+
+Everything is read back from the kernel (``ip rule``, ``ip route show table``,
+``iptables -t mangle -S OUTPUT``) inside the test host's namespace; the
+machine's own rules, routes and tables are never touched. The data-path tests
+run Debian's HAProxy with ``source 0.0.0.0 usesrc clientip`` in the host
+namespace and check the client's address is what the backends see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from testhost import REPO, VENV_BIN, TestHost
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+HAPROXY = "/usr/sbin/haproxy"
+FRONTEND_PORT = 8443
+OUR_COMMENT = '-m comment --comment "mtproxy-formula tproxy: cell"'
+
+
+def _mangle_rule(sports: str, name: str = "cell") -> str:
+    return (
+        f'-A OUTPUT -p tcp -m multiport --sports {sports} -m comment --comment "mtproxy-formula tproxy: {name}" '
+        "-j MARK --set-xmark 0x1/0xffffffff"
+    )
+
+
+class Cell:
+    """Runs the tproxy state in a test host and reads back the kernel state there."""
+
+    def __init__(self, host: TestHost):
+        self.host = host
+        # Our modules straight from the repository: no sync needed.
+        self.config_dir = host.minion_config(module_dirs=[str(REPO / "_modules")], states_dirs=[str(REPO / "_states")])
+
+    def state(self, fun: str, name: str = "cell", test: bool = False, **kwargs) -> dict:
+        args = [f"{key}={json.dumps(value)}" for key, value in kwargs.items()]
+        if test:
+            args.append("test=True")
+        out = self.host.salt_call(
+            "state.single", f"tproxy.{fun}", f"name={name}", *args, check=False, config_dir=self.config_dir
+        )
+        assert isinstance(out, dict) and len(out) == 1, out
+        return next(iter(out.values()))
+
+    def present(self, **kwargs) -> dict:
+        return self.state("present", **kwargs)
+
+    def absent(self, **kwargs) -> dict:
+        return self.state("absent", **kwargs)
+
+    # -- kernel state, normalised -------------------------------------------
+    def _lines(self, args: list[str]) -> list[str]:
+        out = self.host.run(args).stdout
+        return [" ".join(line.split()) for line in out.splitlines() if line.strip()]
+
+    def rules(self, v6: bool = False) -> list[str]:
+        return self._lines(["ip", *(["-6"] if v6 else []), "rule", "show"])
+
+    def routes(self, table: int = 100, v6: bool = False) -> list[str]:
+        args = ["ip", *(["-6"] if v6 else []), "route", "show", "table", str(table)]
+        proc = self.host.run(args, check=False)
+        if "table does not exist" in proc.stderr:  # an empty table, newer iproute2 says
+            return []
+        assert proc.returncode == 0, proc.stderr
+        return [" ".join(line.split()) for line in proc.stdout.splitlines() if line.strip()]
+
+    def mangle(self, v6: bool = False) -> list[str]:
+        lines = self._lines(["ip6tables" if v6 else "iptables", "-w", "-t", "mangle", "-S", "OUTPUT"])
+        return [line for line in lines if line.startswith("-A ")]
+
+    def snapshot(self) -> dict:
+        return {
+            "rules": self.rules(),
+            "rules6": self.rules(v6=True),
+            "routes": self.routes(),
+            "routes6": self.routes(v6=True),
+            "mangle": self.mangle(),
+            "mangle6": self.mangle(v6=True),
+        }
+
+    def ours(self, v6: bool = False) -> list[str]:
+        """Our rules (the kernel's own ones left out)."""
+        return [r for r in self.rules(v6) if "proto 201" in r]
+
+
+DEFAULT_RULES = ["0: from all lookup local", "32766: from all lookup main", "32767: from all lookup default"]
+DEFAULT_RULES6 = ["0: from all lookup local", "32766: from all lookup main"]
+OUR_ROUTE = "local default dev lo proto 201 scope host"
+OUR_ROUTE6 = "local default dev lo proto 201 metric 1024 pref medium"
+
+
+@pytest.fixture
+def cell(netns_host) -> Cell:
+    return Cell(netns_host)
+
+
+# -- state behaviour -------------------------------------------------------------------
+
+
+def test_present_mark(cell):
+    assert cell.rules() == DEFAULT_RULES
+    ret = cell.present(ports=[4431, 4432])
+    assert ret["result"] is True, ret
+    assert ret["changes"] == {
+        "added": [
+            "ip route local 0.0.0.0/0 dev lo table 100 proto 201",
+            "ip rule pref 100 fwmark 0x1 lookup 100 proto 201",
+            "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4432 -m comment "
+            "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff",
+        ]
+    }
+    assert cell.rules() == [
+        "0: from all lookup local",
+        "100: from all fwmark 0x1 lookup 100 proto 201",
+        "32766: from all lookup main",
+        "32767: from all lookup default",
+    ]
+    assert cell.routes() == [OUR_ROUTE]
+    assert cell.mangle() == [_mangle_rule("4431:4432")]
+    # IPv6 untouched with family ipv4.
+    assert cell.rules(v6=True) == DEFAULT_RULES6
+    assert cell.routes(v6=True) == []
+    assert cell.mangle(v6=True) == []
+
+
+def test_present_sport_with_custom_table_and_priority(cell):
+    ret = cell.present(ports=[4431, 4432, 4434], method="sport", table=1234, priority=900)
+    assert ret["result"] is True, ret
+    assert cell.ours() == [
+        "900: from all ipproto tcp sport 4431-4432 lookup 1234 proto 201",
+        "900: from all ipproto tcp sport 4434 lookup 1234 proto 201",
+    ]
+    assert cell.routes(table=1234) == [OUR_ROUTE]
+    assert cell.mangle() == []  # no iptables at all
+
+
+def test_test_mode_changes_nothing(cell):
+    before = cell.snapshot()
+    ret = cell.present(ports=[4431, 4432], test=True)
+    assert ret["result"] is None, ret
+    assert "would be updated" in ret["comment"]
+    assert cell.snapshot() == before
+    real = cell.present(ports=[4431, 4432])
+    assert real["changes"] == ret["changes"]  # exactly what test mode announced
+
+    # A port change in test mode lists the swap, still touching nothing.
+    before = cell.snapshot()
+    ret = cell.present(ports=[4431, 4432, 4433, 4434], test=True)
+    assert ret["result"] is None
+    assert ret["changes"] == {
+        "added": [
+            "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4434 -m comment "
+            "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff"
+        ],
+        "removed": [
+            "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4432 -m comment "
+            "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff"
+        ],
+    }
+    assert cell.snapshot() == before
+
+    # absent in test mode too.
+    ret = cell.absent(test=True)
+    assert ret["result"] is None
+    assert len(ret["changes"]["removed"]) == 3
+    assert cell.snapshot() == before
+
+
+@pytest.mark.parametrize("method", ["mark", "sport"])
+def test_second_run_is_idempotent(cell, method):
+    assert cell.present(ports=[4431, 4432], method=method, family="both")["result"] is True
+    before = cell.snapshot()
+    ret = cell.present(ports=[4431, 4432], method=method, family="both")
+    assert ret["result"] is True
+    assert ret["changes"] == {}
+    assert "already in place" in ret["comment"]
+    assert cell.snapshot() == before
+    # test mode on a host that is in place: True, not None.
+    ret = cell.present(ports=[4431, 4432], method=method, family="both", test=True)
+    assert (ret["result"], ret["changes"]) == (True, {})
+
+
+def test_port_set_change_mark(cell):
+    assert cell.present(ports=[4431, 4432])["result"] is True
+    ret = cell.present(ports=[4431, 4432, 4433, 4434])
+    assert ret["result"] is True
+    assert ret["changes"]["added"] == [
+        "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4434 -m comment "
+        "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff"
+    ]
+    assert ret["changes"]["removed"] == [
+        "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4432 -m comment "
+        "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff"
+    ]
+    assert cell.mangle() == [_mangle_rule("4431:4434")]
+    assert cell.ours() == ["100: from all fwmark 0x1 lookup 100 proto 201"]
+    assert cell.routes() == [OUR_ROUTE]
+
+    ret = cell.present(ports=[4431, 4432])
+    assert ret["result"] is True
+    assert len(ret["changes"]["added"]) == len(ret["changes"]["removed"]) == 1
+    assert cell.mangle() == [_mangle_rule("4431:4432")]
+    assert cell.ours() == ["100: from all fwmark 0x1 lookup 100 proto 201"]
+    assert cell.routes() == [OUR_ROUTE]
+
+
+def test_port_set_change_sport(cell):
+    assert cell.present(ports=[4431, 4432], method="sport")["result"] is True
+    ret = cell.present(ports=[4431, 4432, 4433, 4434], method="sport")
+    assert ret["changes"] == {
+        "added": ["ip rule pref 100 ipproto tcp sport 4431-4434 lookup 100 proto 201"],
+        "removed": ["ip rule pref 100 ipproto tcp sport 4431-4432 lookup 100 proto 201"],
+    }
+    assert cell.ours() == ["100: from all ipproto tcp sport 4431-4434 lookup 100 proto 201"]
+    ret = cell.present(ports=[4431, 4432], method="sport")
+    assert ret["changes"] == {
+        "added": ["ip rule pref 100 ipproto tcp sport 4431-4432 lookup 100 proto 201"],
+        "removed": ["ip rule pref 100 ipproto tcp sport 4431-4434 lookup 100 proto 201"],
+    }
+    assert cell.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
+    assert cell.routes() == [OUR_ROUTE]
+
+
+def test_method_and_family_switch_leave_nothing_stale(cell):
+    assert cell.present(ports=[4431, 4432], family="both")["result"] is True
+    assert cell.mangle(v6=True) == [_mangle_rule("4431:4432")]
+    ret = cell.present(ports=[4431, 4432], method="sport")
+    assert ret["result"] is True
+    assert cell.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
+    assert cell.ours(v6=True) == []
+    assert cell.routes(v6=True) == []
+    assert cell.mangle() == cell.mangle(v6=True) == []
+    assert cell.routes() == [OUR_ROUTE]
+
+
+def test_more_than_fifteen_multiport_slots_split(cell):
+    ports = list(range(5000, 5040, 2))  # 20 single ports
+    ret = cell.present(ports=ports)
+    assert ret["result"] is True, ret
+    first, second = (",".join(map(str, ports[:15])), ",".join(map(str, ports[15:])))
+    assert cell.mangle() == [_mangle_rule(first), _mangle_rule(second)]
+    assert cell.present(ports=ports)["changes"] == {}
+
+
+def test_absent_removes_exactly_ours(cell):
+    host = cell.host
+    # Foreign state, some of it deliberately like ours: same table, same mark,
+    # same priority, a comment of another state name.
+    host.run(["ip", "rule", "add", "pref", "100", "fwmark", "1", "lookup", "100"])
+    host.run(["ip", "rule", "add", "pref", "300", "fwmark", "7", "lookup", "200"])
+    host.run(["ip", "route", "add", "local", "10.9.0.0/16", "dev", "lo", "table", "100"])
+    host.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "200"])
+    mangle = ["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp"]
+    mark = ["-j", "MARK", "--set-mark", "1"]
+    host.run([*mangle, "--sport", "4431", *mark])
+    other = ["-m", "comment", "--comment", "mtproxy-formula tproxy: cell2"]
+    host.run([*mangle, "-m", "multiport", "--sports", "4431:4432", *other, *mark])
+    host.run(["ip", "-6", "rule", "add", "pref", "100", "fwmark", "1", "lookup", "100"])
+    foreign = cell.snapshot()
+
+    ret = cell.present(ports=[4431, 4432], family="both")
+    assert ret["result"] is True, ret
+    after = cell.snapshot()
+    for key, lines in foreign.items():
+        assert set(lines) <= set(after[key]), key  # present left every foreign line alone
+
+    ret = cell.absent()
+    assert ret["result"] is True, ret
+    assert len(ret["changes"]["removed"]) == 6
+    assert cell.snapshot() == foreign
+
+    ret = cell.absent()
+    assert (ret["result"], ret["changes"]) == (True, {})
+    assert "already absent" in ret["comment"]
+
+
+def test_foreign_local_route_is_used_not_taken(cell):
+    cell.host.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
+    ret = cell.present(ports=[4431], method="sport")
+    assert ret["changes"] == {"added": ["ip rule pref 100 ipproto tcp sport 4431 lookup 100 proto 201"]}
+    assert cell.routes() == ["local default dev lo scope host"]
+    assert cell.absent()["changes"] == {"removed": ["ip rule pref 100 ipproto tcp sport 4431 lookup 100 proto 201"]}
+    assert cell.routes() == ["local default dev lo scope host"]
+
+
+def test_ipv6(cell):
+    ret = cell.present(ports=[4431, 4432], family="ipv6")
+    assert ret["result"] is True, ret
+    assert cell.ours(v6=True) == ["100: from all fwmark 0x1 lookup 100 proto 201"]
+    assert cell.routes(v6=True) == [OUR_ROUTE6]
+    assert cell.mangle(v6=True) == [_mangle_rule("4431:4432")]
+    assert cell.rules() == DEFAULT_RULES and cell.routes() == [] and cell.mangle() == []
+
+    ret = cell.present(ports=[4431, 4432, 4433], family="ipv6", method="sport")
+    assert ret["result"] is True
+    assert cell.ours(v6=True) == ["100: from all ipproto tcp sport 4431-4433 lookup 100 proto 201"]
+    assert cell.mangle(v6=True) == []
+
+    assert cell.absent(family="ipv6")["result"] is True
+    assert cell.rules(v6=True) == DEFAULT_RULES6
+    assert cell.routes(v6=True) == []
+
+
+def test_check_and_ensure_for_a_watchdog(cell):
+    """The execution module restores what a firewall reload flushed."""
+    host = cell.host
+
+    def call(*args):
+        return host.salt_call(*args, config_dir=cell.config_dir)
+
+    assert cell.present(ports=[4431, 4432])["result"] is True
+    assert call("tproxy.check", "cell", "ports=[4431, 4432]") == {"ok": True, "missing": [], "stale": []}
+    host.run(["iptables", "-t", "mangle", "-F", "OUTPUT"])
+    report = call("tproxy.check", "cell", "ports=[4431, 4432]")
+    assert report["ok"] is False
+    assert len(report["missing"]) == 1 and "--sports 4431:4432" in report["missing"][0]
+    assert cell.mangle() == []
+    assert call("tproxy.ensure", "cell", "ports=[4431, 4432]") == {"added": report["missing"]}
+    assert cell.mangle() == [_mangle_rule("4431:4432")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "cause"),
+    [
+        ({"ports": []}, "No ports given"),
+        ({"ports": [4431, 70000]}, "Port must be from 1 to 65535, not 70000"),
+        ({"ports": [0]}, "Port must be from 1 to 65535, not 0"),
+        ({"mark": 0}, "Mark must be from 1 to 4294967295"),
+        ({"table": 254}, "Table 254 is the kernel's main table"),
+        ({"table": 4294967296}, "Table must be from 1 to 4294967295"),
+        ({"method": "nat"}, "Unknown method 'nat'"),
+        ({"family": "inet"}, "Unknown family 'inet'"),
+        ({"iptables": "/nonexistent/iptables"}, "The /nonexistent/iptables binary was not found"),
+    ],
+)
+def test_errors(cell, kwargs, cause):
+    before = cell.snapshot()
+    args = {"ports": [4431, 4432], **kwargs}
+    for test in (False, True):
+        ret = cell.present(test=test, **args)
+        assert ret["result"] is False, ret
+        assert cause in ret["comment"], ret["comment"]
+        assert ret["changes"] == {}
+    assert cell.snapshot() == before
+
+
+def test_missing_iptables_is_fine_for_method_sport(cell):
+    ret = cell.present(ports=[4431], method="sport", iptables="/nonexistent/iptables")
+    assert ret["result"] is True, ret
+
+
+def test_error_without_netlink_permission(cell):
+    """Root without CAP_NET_ADMIN: the kernel refuses, the comment says why."""
+    host = cell.host
+    cmd = [
+        "setpriv",
+        "--inh-caps=-net_admin",
+        "--bounding-set=-net_admin",
+        str(VENV_BIN / "salt-call"),
+        "--local",
+        "--config-dir",
+        str(cell.config_dir),
+        "--out=json",
+        "--log-level=quiet",
+        "state.single",
+        "tproxy.present",
+        "name=cell",
+        "ports=[4431]",
+        "method=sport",
+    ]
+    proc = host.run(cmd, check=False)
+    ret = next(iter(json.loads(proc.stdout)["local"].values()))
+    assert ret["result"] is False
+    assert (
+        "No permission to add `ip route local 0.0.0.0/0 dev lo table 100 proto 201` through netlink" in (ret["comment"])
+    )
+    assert "CAP_NET_ADMIN" in ret["comment"]
+    assert cell.routes() == [] and cell.ours() == []
+
+
+# -- data path: HAProxy usesrc clientip through the return path -------------------------------
+
+BACKEND = """
+import socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((addr, port))
+srv.listen(16)
+while True:
+    conn, peer = srv.accept()
+    conn.sendall(f"{port} {peer[0]}\\n".encode())
+    conn.close()
+"""
+
+CLIENT = """
+import socket, sys
+addr, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(count):
+    try:
+        with socket.create_connection((addr, port), timeout=5) as conn:
+            print(conn.recv(100).decode().strip() or "EMPTY", flush=True)
+    except OSError as exc:
+        print(f"ERROR {exc}", flush=True)
+"""
+
+
+class DataPath:
+    """HAProxy (usesrc clientip) and two peer-reporting backends in the host namespace."""
+
+    def __init__(self, host: TestHost, workdir: Path):
+        self.host = host
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+        out = open(self.workdir / log, "wb")  # noqa: SIM115 (the child keeps it)
+        # nsenter execs the command (a net namespace needs no fork): the PID is the process's own.
+        proc = subprocess.Popen(
+            self.host.nsenter() + args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def _wait_listening(self, addr: str, port: int) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out = self.host.run(["ss", "-Hltn", f"sport = :{port}"]).stdout
+            if f"{addr}:{port}" in out:
+                return
+            for proc in self.procs:
+                assert proc.poll() is None, f"a data-path process exited: {self.logs()}"
+            time.sleep(0.05)
+        raise AssertionError(f"nothing listens on {addr}:{port}: {self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"{p.name}: {p.read_text()[-2000:]}" for p in sorted(self.workdir.glob("*.log")))
+
+    def start(self, backend_addr: str, ports: list[int]) -> None:
+        (self.workdir / "backend.py").write_text(BACKEND)
+        backend = ["/usr/bin/python3", str(self.workdir / "backend.py"), backend_addr]
+        for port in ports:
+            self._spawn([*backend, str(port)], f"be{port}.log")
+        servers = "\n".join(f"    server s{port} {backend_addr}:{port}" for port in ports)
+        config = self.workdir / "haproxy.cfg"
+        # Runs as root (no `user`): usesrc clientip needs the privileges.
+        config.write_text(
+            f"""global
+    maxconn 64
+
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+    retries 1
+
+frontend fe
+    bind {self.host.address}:{FRONTEND_PORT}
+    default_backend be
+
+backend be
+    balance roundrobin
+    source 0.0.0.0 usesrc clientip
+{servers}
+"""
+        )
+        self._spawn([HAPROXY, "-db", "-f", str(config)], "haproxy.log")
+        for port in ports:
+            self._wait_listening(backend_addr, port)
+        self._wait_listening(self.host.address, FRONTEND_PORT)
+
+    def connect(self, count: int) -> list[str]:
+        (self.workdir / "client.py").write_text(CLIENT)
+        out = self.host.client_run(
+            ["/usr/bin/python3", str(self.workdir / "client.py"), self.host.address, str(FRONTEND_PORT), str(count)],
+            timeout=60,
+        ).stdout
+        return out.splitlines()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+@pytest.fixture
+def datapath(netns_host, tmp_path):
+    path = DataPath(netns_host, tmp_path)
+    yield path
+    path.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "backend"),
+    [("mark", "host"), ("sport", "host"), ("sport", "127.0.0.1")],
+    ids=["mark-host-address", "sport-host-address", "sport-loopback"],
+)
+def test_datapath_backends_see_the_client(cell, datapath, method, backend):
+    host = cell.host
+    backend_addr = host.address if backend == "host" else backend
+    ports = [4431, 4432]
+    datapath.start(backend_addr, ports)
+
+    # Without the return path the backends' replies leave the host: nothing comes back.
+    assert datapath.connect(2) == ["EMPTY", "EMPTY"], datapath.logs()
+
+    assert cell.present(ports=ports, method=method)["result"] is True
+    replies = datapath.connect(4)
+    assert sorted(replies) == sorted(f"{port} {host.client_address}" for port in ports * 2), datapath.logs()
+
+    # And it is the state that made the difference: gone again after absent.
+    assert cell.absent()["result"] is True
+    assert datapath.connect(1) == ["EMPTY"]
