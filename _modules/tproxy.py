@@ -346,10 +346,6 @@ def parse_mangle(lines: str, family: str, comment: str) -> list[Mangle]:
 # -- kernel side ---------------------------------------------------------------
 
 
-class _Failure(Exception):
-    """A kernel change failed; carries what had been done before."""
-
-
 def _netlink_error(exc: Exception, action: str) -> str:
     code = getattr(exc, "code", None)
     if code in (1, 13):  # EPERM, EACCES
@@ -446,8 +442,9 @@ def _rule_from(msg, family: str, table: int, tag: int) -> Rule:
         extra.append(f"action={msg['action']}")
     if fwmark is not None and attrs.get("FRA_FWMASK", FULL_MASK) != FULL_MASK:
         extra.append(f"fwmask={attrs['FRA_FWMASK']:#x}")
-    if sport is not None and attrs.get("FRA_IP_PROTO") != IPPROTO_TCP:
-        extra.append(f"ipproto={attrs.get('FRA_IP_PROTO')}")
+    ip_proto = attrs.get("FRA_IP_PROTO")
+    if (sport is None and ip_proto) or (sport is not None and ip_proto != IPPROTO_TCP):
+        extra.append(f"ipproto={ip_proto}")
     for key in ("FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP"):
         if attrs.get(key, FULL_MASK) != FULL_MASK:
             extra.append(f"{key}={attrs[key]}")
@@ -464,7 +461,9 @@ def _netlink_args(item: Route | Rule, lo: int) -> dict:
         return {**args, "dst": "::", "dst_len": 0}
     args = {"family": AF[item.family], "priority": item.priority, "table": item.table, "protocol": item.tag}
     if item.fwmark is not None:
-        args.update(fwmark=item.fwmark, fwmask=FULL_MASK)
+        # No fwmask: the kernel then matches the whole mark (like `ip rule`), and a
+        # delete does not compare masks, so it also finds a hand-edited rule of ours.
+        args["fwmark"] = item.fwmark
     if item.sport is not None:
         args.update(ip_proto=IPPROTO_TCP, sport_range=f"{item.sport[0]}:{item.sport[1]}")
     return args
@@ -493,7 +492,7 @@ def _apply(ipr, add: list[Item], remove: list[Item], binaries: dict[str, str]) -
             try:
                 _change(ipr, verb, item, binaries)
             except CommandExecutionError as exc:
-                raise CommandExecutionError(str(exc), info=_changes(done)) from exc
+                raise CommandExecutionError(exc.error, info=_changes(done)) from exc
             done[key].append(describe(item))
             log.info("tproxy: %s %s", key, describe(item))
     return done

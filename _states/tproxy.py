@@ -112,8 +112,8 @@ def present(
         ret["comment"] = f"Invalid arguments: {exc}"
         return ret
     except CommandExecutionError as exc:
-        ret["changes"] = getattr(exc, "info", None) or {}
-        ret["comment"] = f"{what} could not be put in place: {exc}"
+        ret["changes"] = exc.info or {}
+        ret["comment"] = f"{what} could not be put in place: {exc.error}"
         return ret
     if not changes:
         ret["result"] = True
@@ -142,8 +142,8 @@ def absent(name, table=100, family="both", tag=201, iptables="iptables", ip6tabl
         ret["comment"] = f"Invalid arguments: {exc}"
         return ret
     except CommandExecutionError as exc:
-        ret["changes"] = getattr(exc, "info", None) or {}
-        ret["comment"] = f"{what} could not be removed: {exc}"
+        ret["changes"] = exc.info or {}
+        ret["comment"] = f"{what} could not be removed: {exc.error}"
         return ret
     if not changes:
         ret["result"] = True

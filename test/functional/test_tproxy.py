@@ -527,3 +527,12 @@ def test_datapath_backends_see_the_client(cell, datapath, method, backend):
     # And it is the state that made the difference: gone again after absent.
     assert cell.absent()["result"] is True
     assert datapath.connect(1) == ["EMPTY"]
+
+
+def test_datapath_mark_does_not_reach_loopback_backends(cell, datapath):
+    """DESIGN.md §2: a 127.0.0.1 source is routed before mangle OUTPUT marks it; method sport is the fix."""
+    datapath.start("127.0.0.1", [4431, 4432])
+    assert cell.present(ports=[4431, 4432], method="mark")["result"] is True
+    assert datapath.connect(1) == ["EMPTY"]
+    assert cell.present(ports=[4431, 4432], method="sport")["result"] is True
+    assert sorted(datapath.connect(2)) == [f"4431 {cell.host.client_address}", f"4432 {cell.host.client_address}"]

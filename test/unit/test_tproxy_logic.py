@@ -155,3 +155,65 @@ def test_describe():
     mangle = tproxy.desired(tproxy.validate("a b", [4431]))[2]
     assert tproxy.describe(mangle).startswith("iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431 ")
     assert "--comment 'mtproxy-formula tproxy: a b'" in tproxy.describe(mangle)
+
+
+class FakeRuleMsg(dict):
+    """Just enough of pyroute2's fibmsg for _rule_from."""
+
+    def __init__(self, attrs, **fields):
+        super().__init__({"attrs": attrs, "src_len": 0, "dst_len": 0, "tos": 0, "flags": 0, "action": 1, **fields})
+
+
+def test_rule_from_kernel_message():
+    base = [("FRA_TABLE", 100), ("FRA_SUPPRESS_PREFIXLEN", 0xFFFFFFFF), ("FRA_PROTOCOL", 201)]
+    sport = [("FRA_PRIORITY", 100), ("FRA_SPORT_RANGE", "4431:4431"), ("FRA_IP_PROTO", 6)]
+    # Newer kernels add FRA_SPORT_MASK (28), which pyroute2 0.9.7 cannot decode.
+    unknown28 = ("UNKNOWN", {"header": {"length": 6, "type": 28}})
+    rule = tproxy._rule_from(FakeRuleMsg([*base, *sport, unknown28]), "ipv4", 100, 201)
+    assert rule == Rule("ipv4", 100, 100, 201, sport=(4431, 4431))
+    # pyroute2 gives no priority for the kernel's priority 0.
+    mark = [("FRA_FWMARK", 1), ("FRA_FWMASK", 0xFFFFFFFF)]
+    assert tproxy._rule_from(FakeRuleMsg([*base, *mark]), "ipv4", 100, 201) == Rule("ipv4", 0, 100, 201, fwmark=1)
+    # Whatever we never set makes a rule unwanted.
+    odd = [
+        [("FRA_FWMARK", 1), ("FRA_FWMASK", 0xFF)],
+        [*mark, ("FRA_IP_PROTO", 17)],
+        [*mark, ("FRA_IIFNAME", "eth0")],
+        [*mark, ("UNKNOWN", {"header": {"length": 8, "type": 40}})],
+    ]
+    for attrs in odd:
+        assert tproxy._rule_from(FakeRuleMsg([*base, *attrs]), "ipv4", 100, 201).extra, attrs
+    assert tproxy._rule_from(FakeRuleMsg([*base, *mark], src_len=8), "ipv4", 100, 201).extra == "src_len=8"
+
+
+class FakeIPRoute:
+    """Records netlink calls; refuses the ``fail_at``-th one like the kernel without CAP_NET_ADMIN."""
+
+    def __init__(self, fail_at: int):
+        self.calls: list[tuple[str, dict]] = []
+        self.fail_at = fail_at
+
+    def link_lookup(self, ifname):
+        return [1]
+
+    def _call(self, verb, **kwargs):
+        self.calls.append((verb, kwargs))
+        if len(self.calls) == self.fail_at:
+            raise tproxy.NetlinkError(1, "Operation not permitted")
+
+    route = rule = _call
+
+
+def test_apply_reports_what_was_done_before_a_failure():
+    old = tproxy.desired(tproxy.validate("cell", [4431, 4432], method="sport"))
+    new = tproxy.desired(tproxy.validate("cell", [4431], method="sport"))
+    add, remove = tproxy.diff(new, old)
+    assert len(add) == 1 and len(remove) == 1
+    ipr = FakeIPRoute(fail_at=2)
+    with pytest.raises(tproxy.CommandExecutionError) as caught:
+        tproxy._apply(ipr, add, remove, {})
+    assert caught.value.info == {"added": ["ip rule pref 100 ipproto tcp sport 4431 lookup 100 proto 201"]}
+    assert caught.value.error.startswith(
+        "No permission to delete `ip rule pref 100 ipproto tcp sport 4431-4432 lookup 100 proto 201` through netlink"
+    )
+    assert [verb for verb, _ in ipr.calls] == ["add", "delete"]  # added first, then removed
