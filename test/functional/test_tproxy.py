@@ -330,15 +330,17 @@ def test_check_and_ensure_for_a_watchdog(cell):
 @pytest.mark.parametrize(
     ("kwargs", "cause"),
     [
-        ({"ports": []}, "No ports given"),
-        ({"ports": [4431, 70000]}, "Port must be from 1 to 65535, not 70000"),
-        ({"ports": [0]}, "Port must be from 1 to 65535, not 0"),
-        ({"mark": 0}, "Mark must be from 1 to 4294967295"),
-        ({"table": 254}, "Table 254 is the kernel's main table"),
-        ({"table": 4294967296}, "Table must be from 1 to 4294967295"),
-        ({"method": "nat"}, "Unknown method 'nat'"),
-        ({"family": "inet"}, "Unknown family 'inet'"),
-        ({"iptables": "/nonexistent/iptables"}, "The /nonexistent/iptables binary was not found"),
+        pytest.param({"ports": []}, "No ports given", id="empty-ports"),
+        pytest.param({"ports": [4431, 70000]}, "Port must be from 1 to 65535, not 70000", id="port-too-high"),
+        pytest.param({"ports": [0]}, "Port must be from 1 to 65535, not 0", id="port-zero"),
+        pytest.param({"mark": 0}, "Mark must be from 1 to 4294967295", id="mark-zero"),
+        pytest.param({"table": 254}, "Table 254 is the kernel's main table", id="table-main"),
+        pytest.param({"table": 4294967296}, "Table must be from 1 to 4294967295", id="table-too-high"),
+        pytest.param({"method": "nat"}, "Unknown method 'nat'", id="unknown-method"),
+        pytest.param({"family": "inet"}, "Unknown family 'inet'", id="unknown-family"),
+        pytest.param(
+            {"iptables": "/nonexistent/iptables"}, "The /nonexistent/iptables binary was not found", id="no-iptables"
+        ),
     ],
 )
 def test_errors(cell, kwargs, cause):
@@ -536,3 +538,41 @@ def test_datapath_mark_does_not_reach_loopback_backends(cell, datapath):
     assert datapath.connect(1) == ["EMPTY"]
     assert cell.present(ports=[4431, 4432], method="sport")["result"] is True
     assert sorted(datapath.connect(2)) == [f"4431 {cell.host.client_address}", f"4432 {cell.host.client_address}"]
+
+
+def test_sls_with_watch(cell, tmp_path):
+    """In an SLS, with a ``watch`` that fires: mod_watch restores the return path like present."""
+    (tmp_path / "tp.sls").write_text(
+        """
+Something the return path watches changed:
+  test.succeed_with_changes
+
+Replies of the replicas return to HAProxy:
+  tproxy.present:
+    - name: cell
+    - ports: [4431, 4432]
+    - method: sport
+    - watch:
+      - test: Something the return path watches changed
+"""
+    )
+    config_dir = cell.host.minion_config(
+        module_dirs=[str(REPO / "_modules")], states_dirs=[str(REPO / "_states")], file_roots={"base": [str(tmp_path)]}
+    )
+    out = cell.host.salt_call("state.apply", "tp", config_dir=config_dir)
+    ret = next(v for k, v in out.items() if k.startswith("tproxy_"))
+    assert ret["result"] is True, ret
+    assert ret["changes"] == {
+        "added": [
+            "ip route local 0.0.0.0/0 dev lo table 100 proto 201",
+            "ip rule pref 100 ipproto tcp sport 4431-4432 lookup 100 proto 201",
+        ]
+    }
+    assert cell.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
+    assert cell.routes() == [OUR_ROUTE]
+
+    # Again: present finds nothing to do, so Salt calls mod_watch (with its own keys in the low chunk).
+    out = cell.host.salt_call("state.apply", "tp", config_dir=config_dir)
+    ret = next(v for k, v in out.items() if k.startswith("tproxy_"))
+    assert (ret["result"], ret["changes"]) == (True, {}), ret
+    assert "already in place" in ret["comment"]
