@@ -46,6 +46,8 @@ except ImportError:
 log = logging.getLogger(__name__)
 
 __virtualname__ = "tproxy"
+# What Salt exposes as tproxy.*: the pure helpers below stay importable for tests only.
+__load__ = ["check", "ensure", "remove"]
 
 DEFAULT_TAG = 201  # routing protocol number that marks our rules and routes
 COMMENT_PREFIX = "mtproxy-formula tproxy: "
