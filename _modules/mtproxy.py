@@ -393,8 +393,9 @@ def status() -> dict:
     haproxy_error = None
     try:
         for server in __salt__["haproxy_runtime.servers"](
-            backend=BACKEND, admin_socket=haproxy["admin_socket"], master_socket=haproxy["master_socket"]
-        ):
+            backend=BACKEND, all_workers=True, admin_socket=haproxy["admin_socket"],
+            master_socket=haproxy["master_socket"],
+        ).values():
             servers[server["server"]] = server
     except CommandExecutionError as exc:
         haproxy_error = str(exc)

@@ -27,10 +27,7 @@ Replica {{ name }} is removed:
 Return-path rules and routes are removed:
   tproxy.absent:
     - name: mtproxy
-    - method: {{ mtproxy.tproxy.method }}
-    - mark: {{ mtproxy.tproxy.mark }}
     - table: {{ mtproxy.tproxy.table }}
-    - family: {{ mtproxy.tproxy.family }}
     - require:
 {%- for name in replicas %}
       - docker_container: Replica {{ name }} is removed

@@ -7,7 +7,6 @@
 {%- set haproxy = mtproxy.haproxy %}
 {%- set existing = salt['mtproxy.existing_replicas']() %}
 {%- set wanted = mtproxy.replica_list | map(attribute='name') | list %}
-{%- set validator = salt['config.get']('extension_modules') ~ '/modules/haproxy_runtime.py' %}
 {#- The HAProxy config has no business with the secret. #}
 {%- set cell = mtproxy.copy() %}
 {%- do cell.pop('secret') %}
@@ -34,9 +33,7 @@ HAProxy config is valid and in place:
     - user: root
     - group: root
     # A candidate that HAProxy rejects never replaces the live file.
-    - check_cmd: >-
-        {{ grains.pythonexecutable }} {{ validator }} --image {{ haproxy.image }}
-        {%- if mtproxy.docker_host %} --docker-host {{ mtproxy.docker_host }}{% endif %}
+    - check_cmd: {{ salt['haproxy_runtime.check_cmd'](image=haproxy.image, docker_host=mtproxy.docker_host or None) | json }}
     - context:
         mtproxy: {{ cell | json }}
 
@@ -81,6 +78,10 @@ HAProxy reloads gracefully when its config changes:
       - file: HAProxy config is valid and in place
     - require:
       - docker_container: HAProxy container is running
+    # A container created in this run may not have opened its master CLI yet.
+    - retry:
+        attempts: 5
+        interval: 2
 
 {%- for name in existing if name not in wanted %}
 

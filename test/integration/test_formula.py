@@ -59,7 +59,8 @@ def test_first_apply_deploys_a_serving_cell(cell):
 def test_links_give_the_full_secret(cell):
     host, pillar, _ = cell
     host.salt_call("saltutil.sync_modules")
-    links = host.salt_call("mtproxy.links", pillar=pillar)
+    host.write_pillar(pillar)  # execution functions read the pillar files
+    links = host.salt_call("mtproxy.links")
     secret = host.salt_call("grains.get", "mtproxy:secret")
     assert len(secret) == 32
     assert links[0]["tg"] == f"tg://proxy?server={host.address}&port=8443&secret=dd{secret}"
