@@ -48,7 +48,7 @@ def up() -> int:
         print(f"  {link['mode']:9} {link['tg']}")
         print(f"  {'':9} {link['https']}")
     print(f"\nStats: {status['haproxy']['stats_url']} (inside the test host):")
-    print(f"  python3 test/testhost.py run {NAME} -- curl -s {status['haproxy']['stats_url']};csv")
+    print(f"  python3 test/testhost.py run {NAME} -- curl -s '{status['haproxy']['stats_url']};csv'")
     print("\nStatus:")
     print(f"  {'replica':12} {'port':>5}  {'container':10} {'haproxy':8} {'sessions':>8}  check")
     for replica in status["replicas"]:
@@ -58,7 +58,7 @@ def up() -> int:
         )
     print(f"  {'haproxy':12} {'':>5}  {status['haproxy']['container']:10}")
     print(
-        f"\nTry a client:  python3 test/testhost.py run {NAME} --client -- "
+        f"\nTry a client:  python3 test/testhost.py run --client {NAME} -- "
         f"python3 -c \"import socket; socket.create_connection(('{host.address}', 8443)); print('connected')\""
     )
     print(
