@@ -1,0 +1,798 @@
+"""
+Runtime control of HAProxy through its admin (stats) socket and master CLI.
+
+A small, dependency-free client (standard library only) for the unix sockets
+that the HAProxy container exposes in its run directory, bind-mounted on the
+host. It replaces ``saltext-haproxy`` (which needs the unmaintained
+``haproxyctl``) for what the formula needs: validating a configuration,
+reloading gracefully and confirming it, reading and changing server states,
+and draining servers.
+
+HAProxy configuration this module relies on::
+
+    global
+        # admin socket: `show stat`, `set server`, `show servers state`...
+        stats socket /run/haproxy/admin.sock mode 600 level admin
+        # read back at start/reload: drain/maint states survive a reload
+        server-state-file /run/haproxy/server-state
+    defaults
+        load-server-state-from-file global
+
+and HAProxy started in master-worker mode with a master CLI:
+``haproxy -W -S /run/haproxy/master.sock,mode,600 -f /etc/haproxy/haproxy.cfg``.
+
+Socket paths are host paths. They default to the minion config (or pillar)
+keys ``haproxy_runtime.admin_socket`` and ``haproxy_runtime.master_socket``,
+else ``/run/mtproxy/haproxy/admin.sock`` and
+``/run/mtproxy/haproxy/master.sock``. Every command can go to the admin
+socket or, when only the master socket is there, to the current worker
+through the master CLI (``@1 <command>``).
+
+The file also runs as a script, so that ``file.managed`` can use it as its
+``check_cmd`` (see :py:func:`validate` and :py:func:`check_cmd`)::
+
+    python3 haproxy_runtime.py --image mtproxy-formula/haproxy:local FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+try:
+    from salt.exceptions import CommandExecutionError
+except ImportError:  # run as a script (check_cmd): no Salt needed
+
+    class CommandExecutionError(Exception):  # type: ignore[no-redef]
+        pass
+
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "haproxy_runtime"
+
+DEFAULT_ADMIN_SOCKET = "/run/mtproxy/haproxy/admin.sock"
+DEFAULT_MASTER_SOCKET = "/run/mtproxy/haproxy/master.sock"
+SERVER_STATES = ("ready", "drain", "maint")
+# Replies of the CLI that mean a command was refused; HAProxy has no status code.
+_ERROR_PREFIXES = (
+    "Unknown command",
+    "Permission denied",
+    "Can't find the target",
+    "No such ",
+    "Require ",
+    "Invalid ",
+    "Missing ",
+    "'set server",
+)
+
+
+def __virtual__():
+    # Only sockets are needed: always load.
+    return __virtualname__
+
+
+# -- configuration and socket plumbing ---------------------------------------------
+
+
+def _config(key: str, default: Any = None) -> Any:
+    """``config.get`` when loaded by Salt, else ``default`` (tests, script use)."""
+    salt_funcs = globals().get("__salt__")
+    if salt_funcs is not None:
+        try:
+            return salt_funcs["config.get"](key, default)
+        except KeyError:
+            pass
+    return default
+
+
+def _sockets(admin_socket: str | None, master_socket: str | None) -> tuple[str | None, str | None]:
+    """Resolve the socket paths: explicit arguments first, then config, then defaults.
+
+    When only the master socket is given explicitly, worker commands go through it.
+    """
+    if admin_socket is None and master_socket is None:
+        admin_socket = _config("haproxy_runtime.admin_socket", DEFAULT_ADMIN_SOCKET)
+        master_socket = _config("haproxy_runtime.master_socket", DEFAULT_MASTER_SOCKET)
+        if admin_socket and not os.path.exists(admin_socket) and master_socket and os.path.exists(master_socket):
+            admin_socket = None
+    return admin_socket, master_socket
+
+
+def _master(master_socket: str | None) -> str:
+    return master_socket or _config("haproxy_runtime.master_socket", DEFAULT_MASTER_SOCKET)
+
+
+def _send(path: str, command: str, timeout: float = 10.0) -> str:
+    """Send one command on a fresh connection; return the whole reply.
+
+    The master CLI and the stats socket (outside ``prompt`` mode) answer one
+    command per connection and close it; the master CLI only starts once our
+    side is shut down for writing.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        sock.connect(path)
+        sock.sendall(command.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    except TimeoutError as exc:
+        raise CommandExecutionError(f"HAProxy socket {path}: no complete answer to {command!r} in {timeout} s") from exc
+    except OSError as exc:
+        raise CommandExecutionError(f"HAProxy socket {path}: {command!r} failed: {exc}") from exc
+    finally:
+        sock.close()
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _check(reply: str, path: str, command: str, expect: str | None = None) -> str:
+    """Raise when ``reply`` is an error, or does not start with ``expect``."""
+    text = reply.strip()
+    refused = any(text.startswith(prefix) for prefix in _ERROR_PREFIXES)
+    if refused or (expect is not None and not text.startswith(expect)):
+        first = text.splitlines()[0] if text else "(empty reply)"
+        raise CommandExecutionError(f"HAProxy socket {path}: {command!r} refused: {first}")
+    return reply
+
+
+def _worker_cmd(
+    command: str,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+    expect: str | None = None,
+    target: str = "@1",
+    timeout: float = 10.0,
+) -> str:
+    """Run a worker command on the admin socket, else through the master CLI (``target``)."""
+    admin_socket, master_socket = _sockets(admin_socket, master_socket)
+    if admin_socket and target == "@1":
+        return _check(_send(admin_socket, command, timeout), admin_socket, command, expect)
+    if not master_socket:
+        raise CommandExecutionError(f"no HAProxy socket to send {command!r} to (neither admin nor master socket)")
+    return _check(_send(master_socket, f"{target} {command}", timeout), master_socket, f"{target} {command}", expect)
+
+
+# -- parsers (pure functions) ------------------------------------------------------
+
+
+def _parse_stat(text: str) -> list[dict[str, str]]:
+    """Parse ``show stat`` CSV into one dict per line (keys from the ``# pxname,...`` header)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("# "):
+        return []
+    names = lines[0][2:].split(",")
+    return [dict(zip(names, line.split(","), strict=False)) for line in lines[1:]]
+
+
+def _parse_info(text: str) -> dict[str, str]:
+    """Parse ``show info`` (``Key: value`` lines)."""
+    info = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            info[key.strip()] = value.strip()
+    return info
+
+
+def _parse_proc(text: str) -> dict[str, Any]:
+    """Parse the master CLI's ``show proc`` (formats of HAProxy 2.x and 3.x).
+
+    Returns ``{'master': {...}, 'workers': [...], 'programs': [...]}``; each
+    process has ``pid``, ``type``, ``reloads``, ``uptime``, ``version``; the
+    master also ``failed`` (failed reloads, when shown); workers have
+    ``current`` (True for the worker that takes new connections).
+    """
+    names: list[str] = []
+    section = "master"
+    result: dict[str, Any] = {"master": None, "workers": [], "programs": []}
+    for line in text.splitlines():
+        if line.startswith("#<"):
+            names = [re.sub(r"\W+", "_", name.strip().lower()) for name in re.findall(r"<([^>]+)>", line)]
+            continue
+        if line.startswith("#"):
+            title = line.lstrip("# ").strip().lower()
+            section = "programs" if "program" in title else "old" if "old" in title else "workers"
+            continue
+        if not line.strip() or not names:
+            continue
+        failed = re.search(r"\[failed:\s*(\d+)\]", line)
+        fields = dict(zip(names, re.sub(r"\s*\[failed:\s*\d+\]", "", line).split(), strict=False))
+        proc: dict[str, Any] = {
+            "pid": int(fields.get("pid", 0)),
+            "type": fields.get("type", ""),
+            "reloads": int(fields["reloads"]) if fields.get("reloads", "").isdigit() else None,
+            "uptime": fields.get("uptime"),
+            "version": fields.get("version"),
+        }
+        if proc["type"] == "master" and result["master"] is None:
+            proc["failed"] = int(failed.group(1)) if failed else None
+            result["master"] = proc
+        elif section == "programs":
+            result["programs"].append(proc)
+        else:
+            proc["current"] = section == "workers"
+            result["workers"].append(proc)
+    # Some versions list every worker under "# workers": the current one has
+    # survived the fewest reloads.
+    current = [w for w in result["workers"] if w["current"]]
+    if len(current) > 1:
+        newest = min(current, key=lambda w: w["reloads"] if w["reloads"] is not None else 0)
+        for worker in current:
+            worker["current"] = worker is newest
+    if result["master"] is None:
+        raise ValueError("no master line in show proc output")
+    return result
+
+
+def _parse_reload(text: str) -> tuple[bool | None, str]:
+    """Parse the master CLI's answer to ``reload``: ``(success, messages)``.
+
+    HAProxy >= 2.7 answers ``Success=1`` or ``Success=0``, a ``--`` line and
+    the startup messages; older versions answer nothing (``None``).
+    """
+    match = re.search(r"^Success=(\d)", text, re.MULTILINE)
+    if not match:
+        return None, text.strip()
+    rest = text[match.end() :]
+    head, sep, tail = rest.partition("\n--\n")
+    return match.group(1) == "1", (tail if sep else head).strip()
+
+
+def _server_row(row: dict[str, str]) -> dict[str, Any]:
+    def number(key: str) -> int | None:
+        value = row.get(key, "")
+        return int(value) if value.lstrip("-").isdigit() else None
+
+    return {
+        "backend": row.get("pxname"),
+        "server": row.get("svname"),
+        "status": row.get("status", ""),
+        "scur": number("scur") or 0,
+        "weight": number("weight"),
+        "addr": row.get("addr") or None,
+        "check_status": row.get("check_status", "").lstrip("* ") or None,
+        "check_desc": row.get("check_desc") or None,
+        "last_check": row.get("last_chk") or None,
+        "since_change": number("lastchg"),
+    }
+
+
+def _status_matches(status: str, wanted: str) -> bool:
+    # "UP 1/3" (going down) is still UP; "MAINT (via be/srv)" is still MAINT.
+    status, wanted = status.strip().upper(), wanted.strip().upper()
+    return status == wanted or status.split(" ")[0] == wanted
+
+
+# -- public functions ------------------------------------------------------------
+
+
+def validate(
+    path: str | None = None,
+    contents: str | None = None,
+    image: str | None = None,
+    binary: str | None = None,
+    docker_host: str | None = None,
+    timeout: float = 120,
+) -> dict[str, Any]:
+    """
+    Check a candidate HAProxy configuration with ``haproxy -c``.
+
+    Give the file as ``path`` or its text as ``contents``. The check runs
+    with a local ``binary``, or through the HAProxy ``image`` (``docker run
+    --rm --network none`` with the file's folder mounted read-only), where
+    Docker is ``docker_host``, else the ``docker.url`` config, else the
+    ``DOCKER_HOST`` environment. Without either, the config keys
+    ``haproxy_runtime.binary`` / ``haproxy_runtime.image`` decide, else a
+    ``haproxy`` on the PATH.
+
+    Returns ``{'valid': bool, 'messages': <HAProxy's output>}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.validate /etc/mtproxy/haproxy/haproxy.cfg image=mtproxy-formula/haproxy:local
+        salt '*' haproxy_runtime.validate contents='global' binary=/usr/sbin/haproxy
+    """
+    if (path is None) == (contents is None):
+        raise CommandExecutionError("validate needs exactly one of path and contents")
+    if image is None and binary is None:
+        binary = _config("haproxy_runtime.binary")
+        image = None if binary else _config("haproxy_runtime.image")
+        if not binary and not image:
+            binary = shutil.which("haproxy")
+        if not binary and not image:
+            raise CommandExecutionError("validate: no HAProxy binary or image given, and no haproxy on the PATH")
+    tmpdir = None
+    try:
+        if contents is not None:
+            tmpdir = tempfile.mkdtemp(prefix="haproxy-validate-")
+            path = os.path.join(tmpdir, "haproxy.cfg")
+            with open(path, "w") as handle:
+                handle.write(contents)
+        path = os.path.abspath(path)
+        if not os.path.isfile(path):
+            raise CommandExecutionError(f"validate: {path} is not a file")
+        env = dict(os.environ)
+        if image:
+            docker = shutil.which("docker")
+            if not docker:
+                raise CommandExecutionError("validate: the docker CLI is not on the PATH")
+            folder = os.path.dirname(path)
+            cmd = [docker, "run", "--rm", "--network", "none", "-v", f"{folder}:{folder}:ro"]
+            cmd += [image, "haproxy", "-c", "-f", path]
+            docker_host = docker_host or _config("docker.url")
+            if docker_host:
+                env["DOCKER_HOST"] = docker_host
+        else:
+            cmd = [binary, "-c", "-f", path]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise CommandExecutionError(f"validate: {' '.join(cmd)} failed: {exc}") from exc
+        messages = (proc.stdout + proc.stderr).strip()
+        # docker run exits 125-127 for its own failures (no image, no daemon): not a verdict on the config.
+        if image and proc.returncode in (125, 126, 127):
+            raise CommandExecutionError(f"validate: {' '.join(cmd)} exited {proc.returncode}: {messages}")
+        return {"valid": proc.returncode == 0, "messages": messages}
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def check_cmd(image: str | None = None, binary: str | None = None, docker_host: str | None = None) -> str:
+    """
+    The command line that runs :py:func:`validate` as ``check_cmd`` of ``file.managed``.
+
+    Salt appends the temporary file's name and requires exit code 0.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.check_cmd image=mtproxy-formula/haproxy:local
+    """
+    parts = [sys.executable or "python3", os.path.abspath(__file__)]
+    image = image if image or binary else _config("haproxy_runtime.image")
+    docker_host = docker_host or (_config("docker.url") if image else None)
+    if binary:
+        parts += ["--binary", binary]
+    elif image:
+        parts += ["--image", image]
+    if docker_host:
+        parts += ["--docker-host", docker_host]
+    return shlex.join(parts)
+
+
+def show_proc(master_socket: str | None = None) -> dict[str, Any]:
+    """
+    The master's view of its processes (``show proc``): master, current and old workers.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.show_proc
+    """
+    path = _master(master_socket)
+    reply = _check(_send(path, "show proc"), path, "show proc", expect="#")
+    try:
+        return _parse_proc(reply)
+    except ValueError as exc:
+        raise CommandExecutionError(f"HAProxy socket {path}: unexpected answer to 'show proc': {reply[:200]}") from exc
+
+
+def info(admin_socket: str | None = None, master_socket: str | None = None) -> dict[str, Any]:
+    """
+    Version, pid, uptime and connection counts of the current worker (``show info``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.info
+    """
+    raw = _parse_info(_worker_cmd("show info", admin_socket, master_socket, expect="Name:"))
+
+    def number(key: str) -> int | None:
+        value = raw.get(key, "")
+        return int(value) if value.isdigit() else None
+
+    return {
+        "version": raw.get("Version"),
+        "pid": number("Pid"),
+        "uptime": raw.get("Uptime"),
+        "uptime_sec": number("Uptime_sec"),
+        "current_connections": number("CurrConns"),
+        "cumulative_connections": number("CumConns"),
+        "maxconn": number("Maxconn"),
+        "raw": raw,
+    }
+
+
+def servers(
+    backend: str | None = None,
+    all_workers: bool = False,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """
+    Each server's status, current sessions and last check, keyed ``backend/server``.
+
+    ``status`` is HAProxy's (``UP``, ``DOWN``, ``DRAIN``, ``MAINT``, ``no
+    check``, ``UP 1/2``...), ``scur`` the current sessions. A reload leaves
+    the old sessions with the old workers: with ``all_workers`` (needs the
+    master socket), ``scur`` is summed over every worker and
+    ``scur_by_pid`` tells them apart.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.servers
+        salt '*' haproxy_runtime.servers backend=mtproxy all_workers=True
+    """
+    result: dict[str, dict[str, Any]] = {}
+    if not all_workers:
+        text = _worker_cmd("show stat", admin_socket, master_socket, expect="# pxname")
+        for row in _parse_stat(text):
+            if row.get("svname") in ("FRONTEND", "BACKEND") or (backend and row.get("pxname") != backend):
+                continue
+            server = _server_row(row)
+            result[f"{server['backend']}/{server['server']}"] = server
+        return result
+
+    master = _master(master_socket)
+    procs = show_proc(master)
+    # The current worker first: its view of states and checks is the one that counts.
+    workers = sorted(procs["workers"], key=lambda w: not w["current"])
+    for worker in workers:
+        command = f"@!{worker['pid']} show stat"
+        reply = _send(master, command)
+        if reply.strip().startswith("Can't find the target"):
+            continue  # an old worker that has just exited
+        for row in _parse_stat(_check(reply, master, command, expect="# pxname")):
+            if row.get("svname") in ("FRONTEND", "BACKEND") or (backend and row.get("pxname") != backend):
+                continue
+            server = _server_row(row)
+            key = f"{server['backend']}/{server['server']}"
+            count = server["scur"]
+            if key not in result:
+                if not worker["current"]:
+                    continue  # a server the new configuration no longer has
+                result[key] = dict(server, scur=0, scur_by_pid={})
+            result[key]["scur_by_pid"][worker["pid"]] = count
+            result[key]["scur"] += count
+    return result
+
+
+def _one(
+    backend: str,
+    server: str,
+    all_workers: bool = False,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+) -> dict[str, Any]:
+    found = servers(backend, all_workers, admin_socket, master_socket).get(f"{backend}/{server}")
+    if found is None:
+        raise CommandExecutionError(f"HAProxy has no server {backend}/{server}")
+    return found
+
+
+def set_state(
+    backend: str,
+    server: str,
+    state: str,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+) -> dict[str, Any]:
+    """
+    Set a server's administrative state: ``ready``, ``drain`` or ``maint``.
+
+    ``drain`` takes it out of balancing but keeps its sessions; ``maint``
+    also stops its health checks. The change lasts until the next reload
+    unless :py:func:`reload` saves the server states (``state_file``).
+
+    Returns ``{'server': 'be/srv', 'state': state, 'status': <status now>}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.set_state mtproxy mtproxy_1 drain
+    """
+    state = str(state).lower()
+    if state not in SERVER_STATES:
+        raise CommandExecutionError(f"state must be one of {', '.join(SERVER_STATES)}, not {state!r}")
+    command = f"set server {backend}/{server} state {state}"
+    reply = _worker_cmd(command, admin_socket, master_socket)
+    if reply.strip():  # HAProxy answers nothing when it did it
+        raise CommandExecutionError(f"HAProxy refused {command!r}: {reply.strip()}")
+    now = _one(backend, server, admin_socket=admin_socket, master_socket=master_socket)
+    return {"server": f"{backend}/{server}", "state": state, "status": now["status"]}
+
+
+def wait_for(
+    backend: str,
+    server: str,
+    status: str,
+    timeout: float = 30,
+    checked: bool = True,
+    interval: float = 0.25,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+) -> dict[str, Any]:
+    """
+    Wait until a server's status is ``status`` (``UP``, ``DOWN``, ``DRAIN``, ``MAINT``...).
+
+    With ``checked`` (default), a server must also have a check result
+    (HAProxy 3 shows servers UP before their first check). Raises
+    ``CommandExecutionError`` with the last status seen after ``timeout``
+    seconds; returns ``{'server', 'status', 'check_status', 'waited'}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.wait_for mtproxy mtproxy_1 UP timeout=20
+    """
+    start = time.monotonic()
+    while True:
+        now = _one(backend, server, admin_socket=admin_socket, master_socket=master_socket)
+        done = _status_matches(now["status"], status)
+        if done and checked and now["check_status"] and now["check_status"].startswith("INI"):
+            done = False
+        waited = time.monotonic() - start
+        if done:
+            return {
+                "server": f"{backend}/{server}",
+                "status": now["status"],
+                "check_status": now["check_status"],
+                "waited": round(waited, 3),
+            }
+        if waited >= timeout:
+            raise CommandExecutionError(
+                f"{backend}/{server} is not {status} after {timeout} s: {now['status']}"
+                f" ({now['check_status'] or 'no check'}: {now['check_desc'] or '-'})"
+            )
+        time.sleep(min(interval, max(0.0, timeout - waited)))
+
+
+def drain(
+    backend: str,
+    server: str,
+    timeout: float = 60,
+    shutdown: bool = False,
+    interval: float = 0.25,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+) -> dict[str, Any]:
+    """
+    Drain a server: no new sessions, wait for the existing ones to end.
+
+    Sets the server to ``drain``, then polls its sessions (summed over every
+    worker, old ones included, when the master socket is there) until they
+    reach 0 or ``timeout`` seconds pass. With ``shutdown``, whatever is left
+    then is cut (``shutdown sessions server``, in every worker).
+
+    Returns ``{'server', 'drained' (no session left), 'sessions_left' (when
+    the wait ended), 'sessions_shut_down', 'waited', 'all_workers'}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.drain mtproxy mtproxy_1 timeout=300
+        salt '*' haproxy_runtime.drain mtproxy mtproxy_1 timeout=30 shutdown=True
+    """
+    master = _master(master_socket)
+    use_all = bool(master and os.path.exists(master))
+    set_state(backend, server, "drain", admin_socket, master_socket)
+
+    def sessions() -> dict[str, Any]:
+        return _one(backend, server, use_all, admin_socket, master_socket)
+
+    start = time.monotonic()
+    while True:
+        now = sessions()
+        waited = time.monotonic() - start
+        if now["scur"] == 0 or waited >= timeout:
+            break
+        time.sleep(min(interval, max(0.0, timeout - waited)))
+    result = {
+        "server": f"{backend}/{server}",
+        "drained": now["scur"] == 0,
+        "sessions_left": now["scur"],
+        "sessions_shut_down": 0,
+        "waited": round(waited, 3),
+        "all_workers": use_all,
+    }
+    if shutdown and now["scur"]:
+        if use_all:
+            for pid, count in now.get("scur_by_pid", {}).items():
+                if count:
+                    _shutdown_sessions(master, pid, backend, server)
+        else:
+            _worker_cmd(f"shutdown sessions server {backend}/{server}", admin_socket, master_socket)
+        result["sessions_shut_down"] = now["scur"]
+        # Shut-down sessions leave the counters at once, or within a poll or two.
+        for _ in range(20):
+            if _one(backend, server, use_all, admin_socket, master_socket)["scur"] == 0:
+                result["drained"] = True
+                break
+            time.sleep(0.1)
+    return result
+
+
+def _shutdown_sessions(master: str, pid: int, backend: str, server: str) -> None:
+    """End a server's sessions in one worker, old workers included."""
+    command = f"@!{pid} shutdown sessions server {backend}/{server}"
+    reply = _send(master, command).strip()
+    if not reply or reply.startswith("Can't find the target"):
+        return  # done, or the worker has exited meanwhile
+    if not reply.startswith("Proxy is disabled"):
+        _check(reply, master, command)
+        raise CommandExecutionError(f"HAProxy socket {master}: {command!r} refused: {reply}")
+    # An old worker's proxies are stopped and refuse the command: end the sessions one by one.
+    marker = f" be={backend} srv={server} "
+    for line in _send(master, f"@!{pid} show sess").splitlines():
+        if marker in line:
+            session = line.split(":", 1)[0]
+            _send(master, f"@!{pid} shutdown session {session}")
+
+
+def save_state(state_file: str, admin_socket: str | None = None, master_socket: str | None = None) -> str:
+    """
+    Save ``show servers state`` into ``state_file`` (a host path), atomically.
+
+    HAProxy reads it at the next start or reload through ``server-state-file``
+    and ``load-server-state-from-file global``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.save_state /run/mtproxy/haproxy/server-state
+    """
+    text = _worker_cmd("show servers state", admin_socket, master_socket)
+    if not text.strip() or not text.lstrip()[0].isdigit():
+        raise CommandExecutionError(f"unexpected answer to 'show servers state': {text.strip()[:200]}")
+    folder = os.path.dirname(os.path.abspath(state_file))
+    fd, tmp = tempfile.mkstemp(prefix=".server-state.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, state_file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return state_file
+
+
+def reload(
+    master_socket: str | None = None,
+    admin_socket: str | None = None,
+    state_file: str | None = None,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """
+    Reload HAProxy gracefully through the master CLI and confirm it.
+
+    With ``state_file`` (host path of the ``server-state-file``), the server
+    states are saved first, so drain and maintenance survive the reload. The
+    new worker takes new connections; old workers keep theirs until they end.
+
+    HAProxy >= 2.7 answers ``Success=1/0`` and its startup messages; older
+    versions answer nothing, and the reload is confirmed through ``show
+    proc`` (the master's reload counter and a new worker). On failure a
+    ``CommandExecutionError`` carries HAProxy's messages: the old worker
+    keeps serving.
+
+    Returns ``{'reloaded': True, 'old_pids': [...], 'new_pid': pid,
+    'reloads': n, 'messages': '...', 'state_file': path or None}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.reload state_file=/run/mtproxy/haproxy/server-state
+    """
+    master = _master(master_socket)
+    before = show_proc(master)
+    old_pids = [w["pid"] for w in before["workers"]]
+    if state_file:
+        save_state(state_file, admin_socket, master_socket or master)
+    try:
+        success, messages = _parse_reload(_send(master, "reload", timeout))
+    except CommandExecutionError as exc:
+        # HAProxy < 2.7 may drop the connection as the master re-executes itself: show proc decides.
+        log.debug("no answer to reload, confirming through show proc: %s", exc)
+        success, messages = None, ""
+    if success is False:
+        raise CommandExecutionError(
+            f"HAProxy socket {master}: 'reload' failed, the old worker keeps serving:\n{messages}"
+        )
+
+    # Confirm: the master counts the reload (HAProxy < 2.7 does it after answering).
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            after = show_proc(master)
+        except CommandExecutionError:
+            after = None  # the master is re-executing itself
+        if after and (after["master"]["reloads"] or 0) > (before["master"]["reloads"] or 0):
+            break
+        if time.monotonic() >= deadline:
+            raise CommandExecutionError(
+                f"HAProxy socket {master}: 'reload' not confirmed by 'show proc' in {timeout} s"
+            )
+        time.sleep(0.1)
+    current = [w["pid"] for w in after["workers"] if w["current"]]
+    new_pid = current[0] if current else None
+    if success is None:
+        failed_before, failed_after = before["master"].get("failed"), after["master"].get("failed")
+        if failed_before is not None and failed_after is not None:
+            # The failed counter grows with each failed reload and restarts at 0 after a good one.
+            success = failed_after == 0 or failed_after <= failed_before
+        else:
+            success = new_pid is not None and new_pid not in old_pids
+        if not success:
+            raise CommandExecutionError(
+                f"HAProxy socket {master}: 'reload' failed, the old worker keeps serving"
+                " (HAProxy < 2.7 gives no reason here: validate the configuration)"
+            )
+    return {
+        "reloaded": True,
+        "old_pids": old_pids,
+        "new_pid": new_pid,
+        "reloads": after["master"]["reloads"],
+        "version": after["master"]["version"],
+        "messages": messages,
+        "state_file": state_file,
+    }
+
+
+# -- check_cmd entry point -------------------------------------------------------------
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Check an HAProxy configuration (haproxy -c); exit 0 if valid. Usable as file.managed check_cmd."
+    )
+    parser.add_argument("--image", help="HAProxy image to run the check in (docker run --rm --network none)")
+    parser.add_argument("--docker-host", help="Docker endpoint (else DOCKER_HOST)")
+    parser.add_argument("--binary", help="local haproxy binary instead of an image")
+    parser.add_argument("file")
+    args = parser.parse_args(argv)
+    try:
+        result = validate(path=args.file, image=args.image, binary=args.binary, docker_host=args.docker_host)
+    except CommandExecutionError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(result["messages"], file=sys.stdout if result["valid"] else sys.stderr)
+    return 0 if result["valid"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
