@@ -215,6 +215,16 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             _fail(key, image, "use an image reference such as mtproxy-formula/mtprotoproxy:local or repo/name:tag")
     for key in ("haproxy:frontend_bind", "haproxy:stats_bind"):
         _address(settings, key)
+    stats_auth = haproxy.get("stats_auth") or ""
+    if stats_auth and not re.match(r"^[A-Za-z0-9._-]+:[^\s]{8,}$", stats_auth):
+        _fail("haproxy:stats_auth", "<hidden>", 'use "user:password" with a password of 8 or more non-space characters')
+    if not ipaddress.ip_address(haproxy["stats_bind"]).is_loopback and not stats_auth:
+        _fail(
+            "haproxy:stats_bind",
+            haproxy["stats_bind"],
+            'the stats page is public on this address; set haproxy:stats_auth ("user:password") '
+            "or bind it to 127.0.0.1",
+        )
 
     health = haproxy.get("health_check") or {}
     server_options = health.get("options") or ""
@@ -393,7 +403,9 @@ def status() -> dict:
     haproxy_error = None
     try:
         for server in __salt__["haproxy_runtime.servers"](
-            backend=BACKEND, all_workers=True, admin_socket=haproxy["admin_socket"],
+            backend=BACKEND,
+            all_workers=True,
+            admin_socket=haproxy["admin_socket"],
             master_socket=haproxy["master_socket"],
         ).values():
             servers[server["server"]] = server

@@ -1,0 +1,127 @@
+"""Pure logic of mtproxy.resolve: every bad pillar value gets one clear error
+naming the key, the value and what is allowed; good values derive the cell.
+
+Salt's loader is replaced by a few stubs here (host address, Salt options):
+this is the validation logic alone. The integration tests show the same
+errors stopping a real apply before anything changes."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("mtproxy_module_under_test", REPO / "_modules" / "mtproxy.py")
+mtproxy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mtproxy)
+
+DEFAULTS = yaml.safe_load((REPO / "mtproxy" / "parameters" / "defaults.yaml").read_text())["mtproxy"]
+SECRET = "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"
+
+
+@pytest.fixture(autouse=True)
+def loader_stubs(monkeypatch):
+    grains: dict = {}
+    stubs = {
+        "network.default_route": lambda family: [{"interface": "eth0"}],
+        "network.interface_ip": lambda iface: "203.0.113.10",
+        "config.option": lambda key, default=None: default,
+        "grains.get": lambda key, default="": grains.get(key, default),
+        "grains.set": lambda key, value, force=False: grains.__setitem__(key, value),
+    }
+    monkeypatch.setattr(mtproxy, "__salt__", stubs, raising=False)
+    monkeypatch.setattr(mtproxy, "__opts__", {"test": False}, raising=False)
+    monkeypatch.setattr(mtproxy, "__grains__", {}, raising=False)
+    return grains
+
+
+def settings(**changes) -> dict:
+    result = copy.deepcopy(DEFAULTS)
+    for key, value in changes.items():
+        node = result
+        parts = key.split("__")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = value
+    return result
+
+
+def test_defaults_derive_a_two_replica_cell(loader_stubs):
+    cell = mtproxy.resolve(settings())
+    assert cell["ports"] == [4431, 4432]
+    assert [r["name"] for r in cell["replica_list"]] == ["mtproxy_1", "mtproxy_2"]
+    assert cell["backend_address"] == "203.0.113.10"
+    assert cell["public_host"] == "203.0.113.10"
+    assert cell["haproxy"]["server_options"].startswith("check inter 1s fastinter 250ms")
+    # A generated secret is kept, so the next render gives the same links.
+    assert len(cell["secret"]) == 32 and loader_stubs["mtproxy:secret"] == cell["secret"]
+    assert mtproxy.resolve(settings())["secret"] == cell["secret"]
+
+
+def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stubs):
+    monkeypatch.setattr(mtproxy, "__opts__", {"test": True}, raising=False)
+    mtproxy.resolve(settings())
+    assert "mtproxy:secret" not in loader_stubs
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "allowed"),
+    [
+        ({"secret": "abc"}, "mtproxy:secret", "32 hex characters"),
+        ({"secret": "z" * 32}, "mtproxy:secret", "32 hex characters"),
+        ({"secret": "0" * 32}, "mtproxy:secret", "placeholder"),
+        ({"secret": "0123456789abcdef0123456789abcdef"}, "mtproxy:secret", "placeholder"),
+        ({"replicas": 0}, "mtproxy:replicas", "from 1 to 64"),
+        ({"replicas": -2}, "mtproxy:replicas", "from 1 to 64"),
+        ({"replicas": "two"}, "mtproxy:replicas", "from 1 to 64"),
+        ({"replicas": 2.5}, "mtproxy:replicas", "from 1 to 64"),
+        ({"replicas": True}, "mtproxy:replicas", "from 1 to 64"),
+        ({"replicas": 65}, "mtproxy:replicas", "from 1 to 64"),
+        ({"base_port": 0}, "mtproxy:base_port", "from 1 to 65535"),
+        ({"base_port": 70000}, "mtproxy:base_port", "from 1 to 65535"),
+        ({"base_port": 65535, "replicas": 2}, "mtproxy:base_port", "below 65536"),
+        ({"haproxy__frontend_port": 4432}, "mtproxy:haproxy:frontend_port", "replica port range"),
+        ({"haproxy__stats_port": 4431}, "mtproxy:haproxy:stats_port", "replica port range"),
+        ({"haproxy__stats_port": 8443}, "mtproxy:haproxy:stats_port", "its own port"),
+        ({"haproxy__frontend_port": 0}, "mtproxy:haproxy:frontend_port", "from 1 to 65535"),
+        ({"haproxy__balance": "random"}, "mtproxy:haproxy:balance", "leastconn, roundrobin"),
+        ({"tproxy__method": "dnat"}, "mtproxy:tproxy:method", "mark, sport"),
+        ({"tproxy__family": "ipv5"}, "mtproxy:tproxy:family", "ipv4, ipv6, both"),
+        ({"image": "Not An Image!"}, "mtproxy:image", "image reference"),
+        ({"haproxy__image": ""}, "mtproxy:haproxy:image", "image reference"),
+        ({"haproxy__stats_bind": "0.0.0.0"}, "mtproxy:haproxy:stats_bind", "stats_auth"),
+        ({"haproxy__stats_auth": "admin"}, "mtproxy:haproxy:stats_auth", "user:password"),
+        ({"haproxy__frontend_bind": "everywhere"}, "mtproxy:haproxy:frontend_bind", "IP address"),
+        ({"tls_domain": "not a domain"}, "mtproxy:tls_domain", "DNS name"),
+        ({"haproxy__health_check__profile": "turbo"}, "mtproxy:haproxy:health_check:profile", "fast, original"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(changes, key, allowed):
+    with pytest.raises(mtproxy.SettingsError) as error:
+        mtproxy.resolve(settings(**changes))
+    message = str(error.value)
+    assert message.startswith(f"Pillar {key} is ")
+    assert allowed in message
+
+
+def test_a_bad_secret_is_not_echoed():
+    with pytest.raises(mtproxy.SettingsError) as error:
+        mtproxy.resolve(settings(secret="0" * 32))
+    assert "0" * 32 not in str(error.value)
+
+
+def test_public_stats_with_credentials_is_accepted():
+    cell = mtproxy.resolve(settings(haproxy__stats_bind="0.0.0.0", haproxy__stats_auth="ops:correct-horse"))
+    assert cell["haproxy"]["stats_auth"] == "ops:correct-horse"
+
+
+def test_links_cover_the_padded_and_fake_tls_forms():
+    links = mtproxy.build_links("203.0.113.10", 8443, SECRET, "www.example.com")
+    assert [link["mode"] for link in links] == ["secure", "fake-tls"]
+    assert links[0]["tg"] == f"tg://proxy?server=203.0.113.10&port=8443&secret=dd{SECRET}"
+    assert links[1]["https"].endswith("secret=ee" + SECRET + b"www.example.com".hex())
+    assert SECRET not in mtproxy.mask(links[0]["tg"], SECRET)
