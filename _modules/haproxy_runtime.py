@@ -695,13 +695,17 @@ def reload(
     admin_socket: str | None = None,
     state_file: str | None = None,
     timeout: float = 60,
+    keep_state_file: bool = False,
 ) -> dict[str, Any]:
     """
     Reload HAProxy gracefully through the master CLI and confirm it.
 
     With ``state_file`` (host path of the ``server-state-file``), the server
     states are saved first, so drain and maintenance survive the reload. The
-    new worker takes new connections; old workers keep theirs until they end.
+    file is removed afterwards unless ``keep_state_file``: HAProxy reads it
+    at every start, and a stale copy would bring back old drain/maint states
+    at a later container restart. The new worker takes new connections; old
+    workers keep theirs until they end.
 
     HAProxy >= 2.7 answers ``Success=1/0`` and its startup messages; older
     versions answer nothing, and the reload is confirmed through ``show
@@ -720,9 +724,18 @@ def reload(
     """
     master = _master(master_socket)
     before = show_proc(master)
-    old_pids = [w["pid"] for w in before["workers"]]
     if state_file:
         save_state(state_file, admin_socket, master_socket or master)
+    try:
+        return _reload_confirmed(master, before, timeout, state_file)
+    finally:
+        if state_file and not keep_state_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(state_file)
+
+
+def _reload_confirmed(master: str, before: dict[str, Any], timeout: float, state_file: str | None) -> dict[str, Any]:
+    old_pids = [w["pid"] for w in before["workers"]]
     try:
         success, messages = _parse_reload(_send(master, "reload", timeout))
     except CommandExecutionError as exc:
