@@ -364,16 +364,22 @@ def test_drain_state_survives_a_reload_with_the_state_file(cell):
     hr.set_state("be", "s1", "drain", admin_socket=cell.admin)
     result = hr.reload(cell.master, admin_socket=cell.admin, state_file=cell.state_file)
     assert result["reloaded"] is True
-    assert "drain" not in Path(cell.state_file).read_text()  # numeric states, as HAProxy writes them
     assert hr.info(admin_socket=cell.admin)["pid"] == result["new_pid"]
     assert hr.servers("be", admin_socket=cell.admin)["be/s1"]["status"] == "DRAIN"
     burst = loadgen(cell, "--rate", "100", "--count", "20", "--banner")
     assert burst["new"]["banners"] == {"s2": 20}
+    # Read by now: gone, so that no later restart brings back a stale state.
+    assert not os.path.exists(cell.state_file)
 
     # Without a saved state, the reload forgets the drain: what state_file is for.
-    os.unlink(cell.state_file)
     hr.reload(cell.master)
     assert hr.servers("be", admin_socket=cell.admin)["be/s1"]["status"] != "DRAIN"
+
+    # keep_state_file leaves it for HAProxy's next start.
+    hr.set_state("be", "s2", "maint", admin_socket=cell.admin)
+    hr.reload(cell.master, state_file=cell.state_file, keep_state_file=True)
+    assert " s2 " in Path(cell.state_file).read_text()
+    assert hr.servers("be", admin_socket=cell.admin)["be/s2"]["status"] == "MAINT"
 
 
 # -- reload -------------------------------------------------------------------------------
@@ -521,6 +527,12 @@ def test_haproxy_26_reload_is_confirmed_through_show_proc(cell26):
     assert len(pids) == 3
     assert report["new"]["failed"] == 0, report["new"]["errors"]
     assert report["long"]["survived"] == 5
+
+    # The state file works the same way with 2.6.
+    hr.set_state("be", "s1", "drain", admin_socket=cell26.admin)
+    hr.reload(cell26.master, state_file=cell26.state_file)
+    assert hr.servers("be", admin_socket=cell26.admin)["be/s1"]["status"] == "DRAIN"
+    hr.set_state("be", "s1", "ready", admin_socket=cell26.admin)
 
     # A failed reload is told by the master's failed-reload counter.
     before = hr.info(admin_socket=cell26.admin)["pid"]
