@@ -71,6 +71,19 @@ def test_links_give_the_full_secret(cell):
     assert oct((host.workdir / "etc-mtproxy" / "replicas" / "mtproxy_1" / "config.py").stat().st_mode)[-3:] == "600"
 
 
+def test_status_reports_every_replica(cell):
+    host, pillar, _ = cell
+    host.write_pillar(pillar)
+    wait_servers_up(host, pillar, replica_names(2))
+    status = host.salt_call("mtproxy.status")
+    assert status["haproxy"]["container"] == "running"
+    assert status["haproxy"]["error"] is None
+    assert [(r["name"], r["port"], r["container"], r["haproxy"], r["check"]) for r in status["replicas"]] == [
+        ("mtproxy_1", 4431, "running", "UP", "L4OK"),
+        ("mtproxy_2", 4432, "running", "UP", "L4OK"),
+    ]
+
+
 def test_second_apply_changes_nothing(cell):
     host, pillar, _ = cell
     assert changed(apply(host, pillar)) == {}
