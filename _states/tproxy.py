@@ -49,6 +49,33 @@ def _summary(changes: dict, verb_done: str, verb_test: str, test: bool) -> str:
     return f"{verb_test if test else verb_done} ({counts})"
 
 
+def _converge(ret: dict, what: str, function: str, words: tuple[str, str, str], name, **kwargs) -> dict:
+    """Call ``function`` (ensure or remove) and fill the state return.
+
+    ``words``: what failing to do it is called, the comment when nothing was
+    needed, and the past participle for the change.
+    """
+    failing, nothing, done = words
+    test = bool(__opts__["test"])
+    try:
+        changes = __salt__[function](name, test=test, **kwargs)
+    except SaltInvocationError as exc:
+        ret["comment"] = f"Invalid arguments: {exc}"
+        return ret
+    except CommandExecutionError as exc:
+        ret["changes"] = exc.info or {}
+        ret["comment"] = f"{what} could not be {failing}: {exc.error}"
+        return ret
+    if not changes:
+        ret["result"] = True
+        ret["comment"] = f"{what} is {nothing}"
+        return ret
+    ret["changes"] = changes
+    ret["result"] = None if test else True
+    ret["comment"] = _summary(changes, f"{what} was {done}", f"{what} would be {done}", test)
+    return ret
+
+
 def present(
     name,
     ports,
@@ -105,24 +132,7 @@ def present(
         ip6tables=ip6tables,
     )
     what = f"Return path {name!r} (method {method}, table {table}, {family})"
-    test = bool(__opts__["test"])
-    try:
-        changes = __salt__["tproxy.ensure"](name, test=test, **args)
-    except SaltInvocationError as exc:
-        ret["comment"] = f"Invalid arguments: {exc}"
-        return ret
-    except CommandExecutionError as exc:
-        ret["changes"] = exc.info or {}
-        ret["comment"] = f"{what} could not be put in place: {exc.error}"
-        return ret
-    if not changes:
-        ret["result"] = True
-        ret["comment"] = f"{what} is already in place"
-        return ret
-    ret["changes"] = changes
-    ret["result"] = None if test else True
-    ret["comment"] = _summary(changes, f"{what} was updated", f"{what} would be updated", test)
-    return ret
+    return _converge(ret, what, "tproxy.ensure", ("put in place", "already in place", "updated"), name, **args)
 
 
 def absent(name, table=100, family="both", tag=201, iptables="iptables", ip6tables="ip6tables"):
@@ -134,25 +144,18 @@ def absent(name, table=100, family="both", tag=201, iptables="iptables", ip6tabl
     """
     ret = {"name": name, "result": False, "changes": {}, "comment": ""}
     what = f"Return path {name!r} (table {table}, {family})"
-    test = bool(__opts__["test"])
-    try:
-        remove = __salt__["tproxy.remove"]
-        changes = remove(name, table=table, family=family, tag=tag, iptables=iptables, ip6tables=ip6tables, test=test)
-    except SaltInvocationError as exc:
-        ret["comment"] = f"Invalid arguments: {exc}"
-        return ret
-    except CommandExecutionError as exc:
-        ret["changes"] = exc.info or {}
-        ret["comment"] = f"{what} could not be removed: {exc.error}"
-        return ret
-    if not changes:
-        ret["result"] = True
-        ret["comment"] = f"{what} is already absent"
-        return ret
-    ret["changes"] = changes
-    ret["result"] = None if test else True
-    ret["comment"] = _summary(changes, f"{what} was removed", f"{what} would be removed", test)
-    return ret
+    return _converge(
+        ret,
+        what,
+        "tproxy.remove",
+        ("removed", "already absent", "removed"),
+        name,
+        table=table,
+        family=family,
+        tag=tag,
+        iptables=iptables,
+        ip6tables=ip6tables,
+    )
 
 
 def mod_watch(name, sfun=None, **kwargs):
