@@ -159,16 +159,15 @@ def _worker_cmd(
     admin_socket: str | None = None,
     master_socket: str | None = None,
     expect: str | None = None,
-    target: str = "@1",
     timeout: float = 10.0,
 ) -> str:
-    """Run a worker command on the admin socket, else through the master CLI (``target``)."""
+    """Run a command in the current worker: on the admin socket, else through the master CLI as ``@1``."""
     admin_socket, master_socket = _sockets(admin_socket, master_socket)
-    if admin_socket and target == "@1":
+    if admin_socket:
         return _check(_send(admin_socket, command, timeout), admin_socket, command, expect)
     if not master_socket:
         raise CommandExecutionError(f"no HAProxy socket to send {command!r} to (neither admin nor master socket)")
-    return _check(_send(master_socket, f"{target} {command}", timeout), master_socket, f"{target} {command}", expect)
+    return _check(_send(master_socket, f"@1 {command}", timeout), master_socket, f"@1 {command}", expect)
 
 
 # -- parsers (pure functions) ------------------------------------------------------
