@@ -584,6 +584,7 @@ def drain(
     interval: float = 0.25,
     admin_socket: str | None = None,
     master_socket: str | None = None,
+    missing_ok: bool = False,
 ) -> dict[str, Any]:
     """
     Drain a server: no new sessions, wait for the existing ones to end.
@@ -595,6 +596,8 @@ def drain(
 
     Returns ``{'server', 'drained' (no session left), 'sessions_left' (when
     the wait ended), 'sessions_shut_down', 'waited', 'all_workers'}``.
+    With ``missing_ok``, a server HAProxy does not have (any more) counts as
+    drained (``'missing': True``) instead of an error.
 
     CLI Example:
 
@@ -605,6 +608,16 @@ def drain(
     """
     master = _master(master_socket)
     use_all = bool(master and os.path.exists(master))
+    if missing_ok and f"{backend}/{server}" not in servers(backend, False, admin_socket, master_socket):
+        return {
+            "server": f"{backend}/{server}",
+            "drained": True,
+            "missing": True,
+            "sessions_left": 0,
+            "sessions_shut_down": 0,
+            "waited": 0.0,
+            "all_workers": use_all,
+        }
     set_state(backend, server, "drain", admin_socket, master_socket)
 
     def sessions() -> dict[str, Any]:
@@ -689,6 +702,19 @@ def save_state(state_file: str, admin_socket: str | None = None, master_socket: 
     return state_file
 
 
+def _answering_master(master: str, timeout: float) -> dict[str, Any]:
+    """``show proc`` once the master CLI answers: a container started a moment
+    ago (the first apply) may not have opened its socket yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return show_proc(master)
+        except CommandExecutionError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
 def reload(
     master_socket: str | None = None,
     admin_socket: str | None = None,
@@ -722,7 +748,7 @@ def reload(
         salt '*' haproxy_runtime.reload state_file=/run/mtproxy/haproxy/server-state
     """
     master = _master(master_socket)
-    before = show_proc(master)
+    before = _answering_master(master, timeout)
     if state_file:
         save_state(state_file, admin_socket, master_socket or master)
     try:

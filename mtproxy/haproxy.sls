@@ -32,6 +32,8 @@ HAProxy config is valid and in place:
     - mode: '0600'
     - user: root
     - group: root
+    # With stats_auth the file holds a password: no diff in the output then.
+    - show_changes: {{ not haproxy.stats_auth }}
     # A candidate that HAProxy rejects never replaces the live file.
     - check_cmd: {{ salt['haproxy_runtime.check_cmd'](image=haproxy.image, docker_host=mtproxy.docker_host or None) | json }}
     - context:
@@ -67,6 +69,25 @@ HAProxy container is running:
       - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
 {%- endfor %}
 
+{%- for name in existing if name not in wanted %}
+
+# Before the reload drops it: no new clients, up to drain_timeout s for the
+# ones it has. The result says how many sessions were left at removal.
+Extra replica {{ name }} is drained:
+  module.run:
+    - haproxy_runtime.drain:
+      - backend: {{ haproxy.backend }}
+      - server: {{ name }}
+      - timeout: {{ mtproxy.drain_timeout }}
+      - master_socket: {{ haproxy.master_socket }}
+      - admin_socket: {{ haproxy.admin_socket }}
+      - missing_ok: true
+    - require:
+      - docker_container: HAProxy container is running
+    - require_in:
+      - module: HAProxy reloads gracefully when its config changes
+{%- endfor %}
+
 HAProxy reloads gracefully when its config changes:
   module.run:
     - haproxy_runtime.reload:
@@ -78,10 +99,6 @@ HAProxy reloads gracefully when its config changes:
       - file: HAProxy config is valid and in place
     - require:
       - docker_container: HAProxy container is running
-    # A container created in this run may not have opened its master CLI yet.
-    - retry:
-        attempts: 5
-        interval: 2
 
 {%- for name in existing if name not in wanted %}
 
