@@ -41,6 +41,8 @@ IMAGE_DIR = Path(os.environ.get("MTPF_IMAGE_DIR", REPO / "build" / "images"))
 PREFIX = "mtpf-"
 # Test hosts take 198.18.<index>.0/24; the host side is .1, the client .2.
 NETWORK = "198.18"
+# Links between test hosts (link_to) take 198.19.<index>.0/24.
+LINK_NETWORK = "198.19"
 MAX_INDEX = 250
 
 
@@ -213,6 +215,36 @@ class TestHost:
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120):
         return _run(["docker", "-H", self.docker_host, *args], check=check, timeout=timeout)
+
+    def link_to(self, other: TestHost) -> tuple[str, str]:
+        """Join this host's namespace to ``other``'s by a veth pair; return (this address, other's).
+
+        The link takes 198.19.<other.index>.0/24: this side .1, ``other`` .2.
+        Both ends are created inside the namespaces and go with either of them.
+        """
+        mine, theirs = f"{LINK_NETWORK}.{other.index}.1", f"{LINK_NETWORK}.{other.index}.2"
+        mine_if, their_if = f"link{other.index}", f"link{self.index}"
+        _run(
+            [
+                "ip",
+                "-n",
+                self.netns,
+                "link",
+                "add",
+                mine_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                their_if,
+                "netns",
+                other.netns,
+            ]
+        )
+        for netns, ifname, addr in ((self.netns, mine_if, mine), (other.netns, their_if, theirs)):
+            _run(["ip", "-n", netns, "addr", "add", f"{addr}/24", "dev", ifname])
+            _run(["ip", "-n", netns, "link", "set", ifname, "up"])
+        return mine, theirs
 
     # -- salt-call inside the host ----------------------------------------------
     @property
@@ -405,6 +437,17 @@ class TestHost:
                 raise TestHostError(f"docker import of {image} failed: {out}")
             loaded.append(image)
         return loaded
+
+    def restart_dockerd(self) -> None:
+        """Stop this host's dockerd (by PID, as a service manager would) and start
+        it again with the same arguments and data root: containers and images stay."""
+        _terminate([self.dockerd_pid], timeout=30)
+        _terminate(list(self.containerd_pids), timeout=10)
+        # dockerd leaves <exec-root>/netns/default mounted when it exits.
+        for mount_point in mounts_under(self.workdir / "exec"):
+            if _run(["umount", mount_point], check=False).returncode != 0:
+                _run(["umount", "-l", mount_point], check=False)
+        self._start_dockerd()
 
     def stop(self) -> None:
         """Tear everything down; safe to call on a half-started host, twice."""

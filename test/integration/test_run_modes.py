@@ -1,0 +1,188 @@
+"""The formula in the run modes operators use, with real daemons.
+
+- master and minion: one salt-master (in a namespace of its own) and a
+  salt-minion inside each of two test hosts, linked to the master by veth
+  pairs; pillar from the master's pillar_roots (top file: examples/top.sls),
+  formula and modules from its file_roots (master config: examples/master.conf);
+- salt-ssh: sshd inside a test host, `salt-ssh` run from its client namespace
+  with a roster built from examples/roster.
+
+Apply wall times are printed (`-s` shows them), never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+from cell import BASE_PORT, cell_pillar, changed, containers, failed, replica_peers, wait_servers_up
+from saltdaemons import EXAMPLES, SaltMaster, SaltMinion, Sshd, salt_ssh
+from testhost import VENV_BIN
+
+pytestmark = pytest.mark.integration
+
+
+def replica_names(count: int) -> list[str]:
+    return [f"mtproxy_{i}" for i in range(1, count + 1)]
+
+
+def assert_cell_serves(host, pillar, count: int) -> None:
+    """`count` replicas run, are UP, share 12 clients, and see the client's address."""
+    running = {n for n, c in containers(host).items() if c["state"] == "running"}
+    assert set(replica_names(count)) | {"mtproxy_haproxy"} == running
+    wait_servers_up(host, pillar, replica_names(count))
+    ports = [BASE_PORT + i for i in range(count)]
+    peers = replica_peers(host, ports, connections=12)
+    assert sum(len(p) for p in peers.values()) == 12, peers
+    for port in ports:
+        assert peers[port], f"replica on port {port} got no client: {peers}"
+        assert set(peers[port]) == {host.client_address}, peers
+
+
+def state_results(returns: dict, minion: str) -> dict:
+    result = returns.get(minion)
+    assert isinstance(result, dict), f"{minion} returned no state results: {json.dumps(returns)[:5000]}"
+    bad = failed(result)
+    assert not bad, f"states failed on {minion}:\n" + json.dumps(bad, indent=1)[:20000]
+    return result
+
+
+def timed(label: str, func, *args, **kwargs):
+    start = time.monotonic()
+    out = func(*args, **kwargs)
+    print(f"\n[wall time] {label}: {time.monotonic() - start:.1f} s")
+    return out
+
+
+# -- master and minion --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(make_testhost):
+    """One master, two test hosts each with a minion; pillar: a cell per host."""
+    master_host = make_testhost(docker=False)
+    hosts = [make_testhost(), make_testhost()]
+    started = []
+    try:
+        master = SaltMaster(master_host)
+        pillars = {h.name: cell_pillar(h) for h in hosts}
+        master.set_pillar(pillars)
+        started.append(master.start())
+        for host in hosts:
+            master_address, _ = master_host.link_to(host)
+            started.append(SaltMinion(host, master_address).start())
+        master.wait_minions([h.name for h in hosts])
+        yield master, hosts, pillars
+    finally:
+        for daemon in reversed(started):
+            daemon.stop()
+        for host in (*hosts, master_host):
+            host.stop()
+
+
+def test_master_apply_deploys_every_cell(cluster):
+    master, hosts, pillars = cluster
+    # As the README says: sync the custom modules, then apply.
+    synced = master.salt("*", "saltutil.sync_all")
+    for host in hosts:
+        assert "modules.haproxy_runtime" in synced[host.name]["modules"], synced
+        assert "states.tproxy" in synced[host.name]["states"], synced
+    returns = timed("master/minion first apply (2 minions)", master.salt, "*", "state.apply", "mtproxy")
+    for host in hosts:
+        state_results(returns, host.name)
+        assert_cell_serves(host, pillars[host.name], 2)
+        # The pillar came from the master: every file sits in the host's workdir.
+        assert (host.workdir / "etc-mtproxy" / "haproxy" / "haproxy.cfg").is_file()
+    # Two cells, two secrets: each host generated its own.
+    secrets = master.salt("*", "grains.get", "mtproxy:secret")
+    assert len({secrets[h.name] for h in hosts}) == 2
+
+
+def test_master_second_apply_changes_nothing(cluster):
+    master, hosts, _ = cluster
+    returns = timed("master/minion second apply (2 minions)", master.salt, "*", "state.apply", "mtproxy")
+    for host in hosts:
+        assert changed(state_results(returns, host.name)) == {}
+
+
+def test_cli_pillar_scales_and_targeting_changes_one_host(cluster):
+    master, (one, two), _ = cluster
+    # A CLI pillar merges over the master's pillar: replicas changes, the
+    # paths from the master's pillar stay.
+    override = 'pillar={"mtproxy": {"replicas": 3}}'
+    returns = timed("master/minion scale to 3 (2 minions)", master.salt, "*", "state.apply", "mtproxy", override)
+    for host in (one, two):
+        state_results(returns, host.name)
+        assert_cell_serves(host, cell_pillar(host, replicas=3), 3)
+
+    before_one = containers(one)
+    returns = master.salt(two.name, "state.apply", "mtproxy", 'pillar={"mtproxy": {"replicas": 1}}')
+    assert set(returns) == {two.name}
+    assert changed(state_results(returns, two.name))
+    assert set(containers(two)) == {"mtproxy_1", "mtproxy_haproxy"}
+    assert_cell_serves(two, cell_pillar(two, replicas=1), 1)
+    # The other host was not touched: same containers, still three replicas serving.
+    assert containers(one) == before_one
+    assert_cell_serves(one, cell_pillar(one, replicas=3), 3)
+
+
+# -- salt-ssh --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ssh_target(make_testhost, cluster):
+    """A fresh test host with sshd; the roster is examples/roster with test values."""
+    master, _, _ = cluster
+    host = make_testhost()
+    sshd = None
+    try:
+        sshd = Sshd(host).start()
+        sample = yaml.safe_load((EXAMPLES / "roster").read_text())
+        entry = next(iter(sample.values()))
+        entry.update(
+            {
+                "host": host.address,
+                "port": sshd.port,
+                "priv": str(sshd.client_key),
+                "thin_dir": str(host.workdir / "salt-thin"),
+                # The target's python3: the project venv, which has
+                # saltext-dockermod (a thin cannot carry a Salt extension).
+                "set_path": f"{VENV_BIN}:{entry['set_path']}",
+            }
+        )
+        roster = host.workdir / "roster"
+        roster.write_text(yaml.safe_dump({host.name: entry}))
+        pillar = cell_pillar(host)
+        # No minion config on the target: the Docker endpoint comes from pillar.
+        pillar["docker.url"] = host.docker_host
+        master.set_pillar({host.name: pillar})
+        yield master, host, roster, sshd.client_key, pillar
+    finally:
+        if sshd:
+            sshd.stop()
+        host.stop()
+
+
+def test_salt_ssh_apply_deploys_a_serving_cell(ssh_target):
+    master, host, roster, key, pillar = ssh_target
+    returns = timed(
+        "salt-ssh first apply",
+        salt_ssh,
+        master,
+        host,
+        roster,
+        key,
+        host.name,
+        "state.apply",
+        "mtproxy",
+        timeout=300,
+    )
+    state_results(returns, host.name)
+    assert_cell_serves(host, pillar, 2)
+
+    again = timed(
+        "salt-ssh second apply", salt_ssh, master, host, roster, key, host.name, "state.apply", "mtproxy", timeout=300
+    )
+    assert changed(state_results(again, host.name)) == {}
