@@ -22,18 +22,40 @@ CLI examples::
     salt-call tproxy.check cell ports=[4431,4432]
     salt-call tproxy.ensure cell ports=[4431,4432] method=sport
     salt-call tproxy.remove cell
+
+The file also runs as a script, without Salt (pyroute2 needed), so that a boot
+unit restores exactly what the ``tproxy.present`` state would; the JSON file
+holds the state's arguments (name, ports, method, mark, table, family)::
+
+    python3 tproxy.py ensure --config /etc/mtproxy/return-path.json
+    python3 tproxy.py check --config /etc/mtproxy/return-path.json
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from typing import NamedTuple
 
-from salt.exceptions import CommandExecutionError, SaltInvocationError
+try:
+    from salt.exceptions import CommandExecutionError, SaltInvocationError
+except ImportError:  # run as a script (the boot unit): no Salt needed
+
+    class CommandExecutionError(Exception):  # type: ignore[no-redef]
+        def __init__(self, message="", info=None):
+            super().__init__(message)
+            self.error = message
+            self.info = info
+
+    class SaltInvocationError(Exception):  # type: ignore[no-redef]
+        pass
+
 
 try:
     from pyroute2 import IPRoute
@@ -594,3 +616,34 @@ def remove(name, table=100, family="both", tag=DEFAULT_TAG, iptables="iptables",
         if test:
             return _changes({"removed": [describe(i) for i in stale]})
         return _changes(_apply(ipr, [], stale, binaries))
+
+
+# -- boot unit entry point -------------------------------------------------------
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Check or restore the return-path rules described by a JSON file (the tproxy.present arguments)."
+    )
+    parser.add_argument("action", choices=("ensure", "check"))
+    parser.add_argument("--config", required=True, help="JSON file: name, ports, method, mark, table, family")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not HAS_PYROUTE2:
+        print("tproxy: the pyroute2 Python library is missing", file=sys.stderr)
+        return 2
+    try:
+        with open(args.config) as handle:
+            config = json.load(handle)
+        if not isinstance(config, dict):
+            raise SaltInvocationError(f"{args.config} must hold a JSON object")
+        result = (ensure if args.action == "ensure" else check)(**config)
+    except (OSError, ValueError, TypeError, SaltInvocationError, CommandExecutionError) as exc:
+        print(f"tproxy {args.action}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 1 if args.action == "check" and not result["ok"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

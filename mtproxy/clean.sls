@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # vim: ft=sls
 # Removes everything mtproxy (init.sls) created: containers, return-path
-# rules, config and run folders, the sysctl config file. The Docker engine,
+# rules, config and run folders, the sysctl config file, the boot unit. The Docker engine,
 # the Python packages, the kernel's current sysctl values and the generated
 # secret (grain mtproxy:secret, so a redeploy keeps its links) stay.
 {%- set tplroot = tpldir.split('/')[0] %}
@@ -32,6 +32,19 @@ Return-path rules and routes are removed:
 {%- for name in replicas %}
       - docker_container: Replica {{ name }} is removed
 {%- endfor %}
+
+{%- if mtproxy.boot.enable and salt['file.directory_exists']('/run/systemd/system') %}
+
+Return-path boot unit is disabled:
+  service.disabled:
+    - name: {{ mtproxy.boot.unit_name }}
+    - require_in:
+      - file: Return-path boot unit is removed
+{%- endif %}
+
+Return-path boot unit is removed:
+  file.absent:
+    - name: {{ mtproxy.boot.unit_dir }}/{{ mtproxy.boot.unit_name }}
 
 {%- for folder in (mtproxy.config_dir, mtproxy.run_dir, mtproxy.sysctl_config) %}
 

@@ -6,4 +6,5 @@ include:
   - .host
   - .replicas
   - .haproxy
+  - .boot
   - .links

@@ -46,4 +46,13 @@ Replica {{ replica.name }} is running on port {{ replica.port }}:
       - file: Replica {{ replica.name }} has its config
     - require:
       - tproxy: Replica replies are routed back to HAProxy
+
+# A crash-looping container can look running at the instant Docker is asked.
+Replica {{ replica.name }} accepts connections on port {{ replica.port }}:
+  mtproxy.replica_serving:
+    - name: {{ replica.name }}
+    - address: {{ mtproxy.backend_address }}
+    - port: {{ replica.port }}
+    - require:
+      - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
 {%- endfor %}

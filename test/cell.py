@@ -30,6 +30,8 @@ def cell_pillar(host: TestHost, **overrides: Any) -> dict:
         "sysctl_config": str(host.workdir / "sysctl.d" / "90-mtproxy.conf"),
         # The test host runs its own dockerd; an init script must not start another.
         "docker": {"install": False},
+        # The boot unit goes to the workdir; no systemd to enable it in a test host.
+        "boot": {"unit_dir": str(host.workdir / "systemd"), "enable": False},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(mtproxy.get(key), dict):

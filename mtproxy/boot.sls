@@ -1,0 +1,69 @@
+# -*- coding: utf-8 -*-
+# vim: ft=sls
+# The return path comes back at boot before clients arrive: a systemd oneshot
+# unit, ordered before docker.service (so before any container), runs the
+# tproxy module as a script with the same arguments as the tproxy.present
+# states. Enabled only where systemd is PID 1 (/run/systemd/system exists).
+{%- set tplroot = tpldir.split('/')[0] %}
+{%- from tplroot ~ "/map.jinja" import mtproxy with context %}
+{%- set boot = mtproxy.boot %}
+{%- set python = boot.python or grains['pythonexecutable'] %}
+{%- set script = mtproxy.config_dir ~ '/bin/tproxy.py' %}
+{%- set config = mtproxy.config_dir ~ '/return-path.json' %}
+{%- set unit = boot.unit_dir ~ '/' ~ boot.unit_name %}
+{%- set spec = {'name': 'mtproxy', 'ports': mtproxy.ports, 'method': mtproxy.tproxy.method,
+                'mark': mtproxy.tproxy.mark, 'table': mtproxy.tproxy.table,
+                'family': mtproxy.tproxy.family} %}
+
+Return-path boot settings are in place:
+  file.managed:
+    - name: {{ config }}
+    - contents: {{ spec | json | json }}
+    - makedirs: true
+    - dir_mode: '0700'
+    - mode: '0600'
+    - user: root
+    - group: root
+
+Return-path boot script is in place:
+  file.managed:
+    - name: {{ script }}
+    - source: salt://_modules/tproxy.py
+    - makedirs: true
+    - dir_mode: '0700'
+    - mode: '0700'
+    - user: root
+    - group: root
+
+Return-path boot unit is in place:
+  file.managed:
+    - name: {{ unit }}
+    - makedirs: true
+    - mode: '0644'
+    - user: root
+    - group: root
+    - contents: |
+        # Managed by Salt (mtproxy-formula): local changes are overwritten.
+        [Unit]
+        Description=mtproxy-formula: return-path rules for HAProxy transparent mode
+        Before=docker.service
+
+        [Service]
+        Type=oneshot
+        RemainAfterExit=yes
+        ExecStart={{ python }} {{ script }} ensure --config {{ config }}
+
+        [Install]
+        WantedBy=multi-user.target
+    - require:
+      - file: Return-path boot settings are in place
+      - file: Return-path boot script is in place
+
+{%- if boot.enable and salt['file.directory_exists']('/run/systemd/system') %}
+
+Return-path boot unit is enabled:
+  service.enabled:
+    - name: {{ boot.unit_name }}
+    - require:
+      - file: Return-path boot unit is in place
+{%- endif %}
