@@ -596,8 +596,9 @@ def drain(
 
     Returns ``{'server', 'drained' (no session left), 'sessions_left' (when
     the wait ended), 'sessions_shut_down', 'waited', 'all_workers'}``.
-    With ``missing_ok``, a server HAProxy does not have (any more) counts as
-    drained (``'missing': True``) instead of an error.
+    With ``missing_ok``, a server HAProxy does not have (any more), or no
+    HAProxy answering at all, counts as drained (``'missing': True``)
+    instead of an error.
 
     CLI Example:
 
@@ -608,7 +609,7 @@ def drain(
     """
     master = _master(master_socket)
     use_all = bool(master and os.path.exists(master))
-    if missing_ok and f"{backend}/{server}" not in servers(backend, False, admin_socket, master_socket):
+    if missing_ok and not _has_server(backend, server, admin_socket, master_socket):
         return {
             "server": f"{backend}/{server}",
             "drained": True,
@@ -653,6 +654,42 @@ def drain(
                 break
             time.sleep(0.1)
     return result
+
+
+def _has_server(backend: str, server: str, admin_socket: str | None, master_socket: str | None) -> bool:
+    """Whether a running HAProxy has the server (no socket answering: no)."""
+    try:
+        return f"{backend}/{server}" in servers(backend, False, admin_socket, master_socket)
+    except CommandExecutionError as exc:
+        log.debug("no HAProxy to ask about %s/%s: %s", backend, server, exc)
+        return False
+
+
+def ready(
+    backend: str,
+    server: str,
+    timeout: float = 60,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+    missing_ok: bool = False,
+) -> dict[str, Any]:
+    """
+    Undo a drain: set the server ``ready`` and wait until it is ``UP`` after a check.
+
+    With ``missing_ok``, a server HAProxy does not have (yet), or no HAProxy
+    at all, is not an error (``'missing': True``): a new replica that the
+    next reload adds.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.ready mtproxy mtproxy_1 timeout=30
+    """
+    if missing_ok and not _has_server(backend, server, admin_socket, master_socket):
+        return {"server": f"{backend}/{server}", "missing": True}
+    set_state(backend, server, "ready", admin_socket, master_socket)
+    return wait_for(backend, server, "UP", timeout, admin_socket=admin_socket, master_socket=master_socket)
 
 
 def _shutdown_sessions(master: str, pid: int, backend: str, server: str) -> None:

@@ -185,6 +185,12 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
     settings = dict(settings)
     max_replicas = _integer(settings, "max_replicas", 1, 1000)
     replicas = _integer(settings, "replicas", 1, max_replicas)
+    _integer(settings, "drain_timeout", 0, 86400)
+    _integer(settings, "handshake_timeout", 0, 86400)
+    environment = settings.get("replica_environment") or {}
+    if not isinstance(environment, dict) or not all(isinstance(k, str) and k for k in environment):
+        _fail("replica_environment", environment, "use a mapping of variable names to values")
+    settings["replica_environment"] = {k: str(v) for k, v in environment.items()}
     base_port = _integer(settings, "base_port", 1, 65535)
     if base_port + replicas - 1 > 65535:
         _fail(

@@ -26,6 +26,25 @@ Replica {{ replica.name }} has its config:
         secret: {{ mtproxy.secret }}
         tls_domain: {{ mtproxy.tls_domain | json }}
         listen_address: {{ mtproxy.backend_address }}
+        handshake_timeout: {{ mtproxy.handshake_timeout }}
+
+# A change that replaces the container (image, options) drains it first and
+# waits until it is UP again: one replica at a time, never all capacity.
+Replica {{ replica.name }} is drained before it is replaced:
+  module.run:
+    - haproxy_runtime.drain:
+      - backend: {{ mtproxy.haproxy.backend }}
+      - server: {{ replica.name }}
+      - timeout: {{ mtproxy.drain_timeout }}
+      - master_socket: {{ mtproxy.haproxy.master_socket }}
+      - admin_socket: {{ mtproxy.haproxy.admin_socket }}
+      - missing_ok: true
+    - prereq:
+      - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
+{%- if not loop.first %}
+    - require:
+      - module: Replica {{ loop.previtem.name }} is back in HAProxy
+{%- endif %}
 
 Replica {{ replica.name }} is running on port {{ replica.port }}:
   docker_container.running:
@@ -38,6 +57,7 @@ Replica {{ replica.name }} is running on port {{ replica.port }}:
     - command: {{ mtproxy.replica_config_mount }}/config.py
     - binds:
       - {{ replica.config_dir }}:{{ mtproxy.replica_config_mount }}:ro
+    - environment: {{ mtproxy.replica_environment | json }}
     - labels:
       - mtproxy-formula.role=replica
     # mtprotoproxy re-reads its config on SIGUSR2: no restart, no drop.
@@ -55,4 +75,18 @@ Replica {{ replica.name }} accepts connections on port {{ replica.port }}:
     - port: {{ replica.port }}
     - require:
       - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
+
+Replica {{ replica.name }} is back in HAProxy:
+  module.run:
+    - haproxy_runtime.ready:
+      - backend: {{ mtproxy.haproxy.backend }}
+      - server: {{ replica.name }}
+      - timeout: {{ mtproxy.haproxy.reload_timeout }}
+      - master_socket: {{ mtproxy.haproxy.master_socket }}
+      - admin_socket: {{ mtproxy.haproxy.admin_socket }}
+      - missing_ok: true
+    # Also after a drain that replaced nothing: a drained server never stays so.
+    - onchanges:
+      - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
+      - module: Replica {{ replica.name }} is drained before it is replaced
 {%- endfor %}

@@ -41,6 +41,7 @@ class Stats:
     errors: Counter = field(default_factory=Counter)
     banners: Counter = field(default_factory=Counter)
     max_latency: float = 0.0
+    failed_started: list = field(default_factory=list)
 
 
 class LoadGen:
@@ -55,10 +56,11 @@ class LoadGen:
         banner: bool = False,
         echo: bool = True,
         count: int | None = None,
+        hold: float = 0.0,
     ):
         self.host, self.port = host, port
         self.rate, self.long, self.interval, self.timeout = rate, long, interval, timeout
-        self.banner, self.echo, self.count = banner, echo, count
+        self.banner, self.echo, self.count, self.hold = banner, echo, count, hold
         self.new = Stats()
         self.long_stats = Stats()
         self.long_alive = 0
@@ -78,14 +80,25 @@ class LoadGen:
             name = line.decode(errors="replace").strip()
         return reader, writer, name
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float = 0.0) -> None:
         if not self.echo:
+            if self.hold:
+                await self._silent(reader, wait)
             return
         writer.write(b"x")
         await writer.drain()
         data = await asyncio.wait_for(reader.read(1), self.timeout)
         if data != b"x":
             raise ConnectionError("eof" if not data else "wrong echo")
+
+    @staticmethod
+    async def _silent(reader: asyncio.StreamReader, wait: float) -> None:
+        """Connect-only mode (``--hold``): the peer must keep the connection open, silent, for ``wait`` seconds."""
+        try:
+            data = await asyncio.wait_for(reader.read(1), max(wait, 0.001))
+        except TimeoutError:
+            return
+        raise ConnectionError("eof" if not data else "unexpected data")
 
     @staticmethod
     def _reason(exc: BaseException) -> str:
@@ -97,10 +110,11 @@ class LoadGen:
 
     async def _one_new(self) -> None:
         start = time.monotonic()
+        started_at = time.time()
         writer = None
         try:
             reader, writer, name = await self._open()
-            await self._exchange(reader, writer)
+            await self._exchange(reader, writer, self.hold)
             self.new.ok += 1
             if name is not None:
                 self.new.banners[name] += 1
@@ -108,6 +122,7 @@ class LoadGen:
         except (OSError, TimeoutError, ConnectionError) as exc:
             self.new.failed += 1
             self.new.errors[self._reason(exc)] += 1
+            self.new.failed_started.append(round(started_at, 3))
         finally:
             if writer is not None:
                 writer.close()
@@ -197,9 +212,10 @@ class LoadGen:
 
         ``new``: attempted, ok, failed, errors (reason: count), banners
         (server name: count), rate (attempted per second achieved),
-        max_latency. ``long``: opened, failed (while opening or later),
-        survived (still exchanging at the end: a last exchange is made at the
-        stop), exchanges, errors, banners.
+        max_latency, failed_started (wall-clock start of each failed one).
+        ``long``: opened, failed (while opening or later), survived (still
+        exchanging at the end: a last exchange is made at the stop),
+        exchanges, errors, banners.
         """
         return {
             "target": f"{self.host}:{self.port}",
@@ -212,6 +228,7 @@ class LoadGen:
                 "banners": dict(self.new.banners),
                 "rate": round(self.new.attempted / self.elapsed, 2) if self.elapsed else 0.0,
                 "max_latency": round(self.new.max_latency, 4),
+                "failed_started": self.new.failed_started,
             },
             "long": {
                 "wanted": self.long,
@@ -236,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, help="stop after this many new connections")
     parser.add_argument("--banner", action="store_true", help="read a greeting line first, count them by text")
     parser.add_argument("--no-echo", dest="echo", action="store_false", help="do not expect the byte sent echoed")
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        help="with --no-echo: keep each new connection open this long and count a close or reset as a failure;"
+        " long-lived ones then fail when closed",
+    )
     args = parser.parse_args(argv)
     host, _, port = args.target.rpartition(":")
 
@@ -250,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             banner=args.banner,
             echo=args.echo,
             count=args.count,
+            hold=args.hold,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
