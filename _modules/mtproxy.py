@@ -97,6 +97,16 @@ def _lookup(settings: dict, key: str) -> Any:
     return node
 
 
+def _text(settings: dict, key: str, allowed: str) -> str:
+    """A string setting; empty (or unset) gives ""."""
+    value = _lookup(settings, key)
+    if value in (None, ""):
+        return ""
+    if not isinstance(value, str):
+        _fail(key, value, allowed)
+    return value
+
+
 def _choice(settings: dict, key: str, allowed: tuple[str, ...]) -> str:
     value = _lookup(settings, key)
     if value not in allowed:
@@ -221,7 +231,7 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             _fail(key, image, "use an image reference such as mtproxy-formula/mtprotoproxy:local or repo/name:tag")
     for key in ("haproxy:frontend_bind", "haproxy:stats_bind"):
         _address(settings, key)
-    stats_auth = haproxy.get("stats_auth") or ""
+    stats_auth = _text(settings, "haproxy:stats_auth", 'use "user:password"')
     if stats_auth and not re.match(r"^[A-Za-z0-9._-]+:[^\s]{8,}$", stats_auth):
         _fail("haproxy:stats_auth", "<hidden>", 'use "user:password" with a password of 8 or more non-space characters')
     if not ipaddress.ip_address(haproxy["stats_bind"]).is_loopback and not stats_auth:
@@ -232,8 +242,7 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             "or bind it to 127.0.0.1",
         )
 
-    health = haproxy.get("health_check") or {}
-    server_options = health.get("options") or ""
+    server_options = _text(settings, "haproxy:health_check:options", "use HAProxy server options as one string")
     if not server_options:
         profile = _choice(settings, "haproxy:health_check:profile", tuple(HEALTH_CHECK_PROFILES))
         server_options = HEALTH_CHECK_PROFILES[profile]
@@ -243,13 +252,13 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
         secret = validate_secret(secret)
     elif generate_secret:
         secret = generated_secret()
-    tls_domain = settings.get("tls_domain") or ""
+    tls_domain = _text(settings, "tls_domain", "use a DNS name such as www.example.com, or leave it empty")
     if tls_domain and not re.match(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", tls_domain):
         _fail("tls_domain", tls_domain, "use a DNS name such as www.example.com, or leave it empty")
 
-    backend_address = settings.get("backend_address") or primary_ipv4()
+    backend_address = _text(settings, "backend_address", "use an IP address of this host") or primary_ipv4()
     _address({"backend_address": backend_address}, "backend_address")
-    public_host = settings.get("public_host") or backend_address
+    public_host = _text(settings, "public_host", "use a host name or address") or backend_address
     docker_host = settings.get("docker_host") or __salt__["config.option"]("docker.url", "") or ""
 
     config_dir = settings["config_dir"].rstrip("/")

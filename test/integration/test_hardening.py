@@ -92,8 +92,22 @@ def cell(testhost):
         ({"replicas": 0}, "Pillar mtproxy:replicas is 0"),
         ({"secret": "abc"}, "Pillar mtproxy:secret"),
         ({"haproxy": {"stats_bind": "0.0.0.0"}}, "Pillar mtproxy:haproxy:stats_bind is '0.0.0.0'"),
+        ({"replicas": "two"}, "Pillar mtproxy:replicas is 'two'"),
+        ({"haproxy": {"frontend_port": 4432}}, "Pillar mtproxy:haproxy:frontend_port is 4432"),
+        ({"haproxy": {"balance": "random"}}, "Pillar mtproxy:haproxy:balance is 'random'"),
+        ({"tproxy": {"method": "dnat"}}, "Pillar mtproxy:tproxy:method is 'dnat'"),
+        ({"image": "Bad Image!"}, "Pillar mtproxy:image is 'Bad Image!'"),
     ],
-    ids=["replicas-0", "secret-abc", "public-stats-without-auth"],
+    ids=[
+        "replicas-0",
+        "secret-abc",
+        "public-stats-without-auth",
+        "replicas-not-int",
+        "frontend-in-replica-range",
+        "unknown-balance",
+        "unknown-method",
+        "not-an-image",
+    ],
 )
 def test_bad_pillar_stops_before_the_host_changes(cell, overrides, message):
     host, pillar, config_dir, _ = cell

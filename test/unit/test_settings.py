@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("mtproxy_module_under_test", REPO / "_modules" / "mtproxy.py")
@@ -125,3 +128,48 @@ def test_links_cover_the_padded_and_fake_tls_forms():
     assert links[0]["tg"] == f"tg://proxy?server=203.0.113.10&port=8443&secret=dd{SECRET}"
     assert links[1]["https"].endswith("secret=ee" + SECRET + b"www.example.com".hex())
     assert SECRET not in mtproxy.mask(links[0]["tg"], SECRET)
+
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=40),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+KEYS = [
+    "replicas",
+    "max_replicas",
+    "base_port",
+    "secret",
+    "tls_domain",
+    "image",
+    "backend_address",
+    "public_host",
+    "haproxy__frontend_port",
+    "haproxy__stats_port",
+    "haproxy__frontend_bind",
+    "haproxy__stats_bind",
+    "haproxy__stats_auth",
+    "haproxy__balance",
+    "haproxy__maxconn",
+    "haproxy__image",
+    "haproxy__health_check__profile",
+    "tproxy__method",
+    "tproxy__family",
+    "tproxy__mark",
+    "tproxy__table",
+]
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYS), ANY_VALUE, min_size=1, max_size=4))
+def test_any_value_is_accepted_or_refused_clearly(changes):
+    """Random types and values never end in a traceback: either the settings
+    resolve, or one SettingsError names the pillar key."""
+    try:
+        mtproxy.resolve(settings(**changes))
+    except mtproxy.SettingsError as error:
+        assert str(error).startswith("Pillar mtproxy:")
