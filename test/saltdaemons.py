@@ -51,13 +51,17 @@ class Daemon:
 
 
 def _salt_paths(root: Path) -> dict:
+    # Salt prepends root_dir to these (and to its defaults, such as the
+    # extension modules' cache), so they are given relative to it: everything
+    # stays below the test host's workdir, and socket paths stay far below
+    # the 108-byte limit of a unix socket.
     return {
-        "root_dir": str(root / "root"),
-        "pki_dir": str(root / "pki"),
-        "cachedir": str(root / "cache"),
-        "sock_dir": str(root / "sock"),
-        "pidfile": str(root / "salt.pid"),
-        "log_file": str(root / "salt.log"),
+        "root_dir": str(root),
+        "pki_dir": "/pki",
+        "cachedir": "/cache",
+        "sock_dir": "/sock",
+        "pidfile": "/salt.pid",
+        "log_file": "/salt.log",
         "log_level_logfile": "debug",
         "user": "root",
     }
@@ -250,6 +254,7 @@ def salt_ssh(
         str(master.config_dir),
         f"--roster-file={roster}",
         f"--priv={key}",
+        # Accept the sshd's key: the roster keeps known_hosts in the test host.
         "--ignore-host-keys",
         "--out=json",
         "--static",

@@ -265,12 +265,15 @@ class TestHost:
         config = {
             "id": self.name,
             "file_client": "local",
-            "root_dir": str(self.salt_dir / "root"),
-            "pki_dir": str(self.salt_dir / "pki"),
-            "cachedir": str(self.salt_dir / "cache"),
-            "sock_dir": str(self.salt_dir / "sock"),
-            "pidfile": str(self.salt_dir / "minion.pid"),
-            "log_file": str(self.salt_dir / "minion.log"),
+            # Salt prepends root_dir to these and to its own defaults (such as
+            # the extension modules' cache): given relative to it, everything
+            # stays below the workdir and unix socket paths stay short.
+            "root_dir": str(self.salt_dir),
+            "pki_dir": "/pki",
+            "cachedir": "/cache",
+            "sock_dir": "/sock",
+            "pidfile": "/minion.pid",
+            "log_file": "/minion.log",
             "log_level_logfile": "debug",
             "file_roots": {"base": [str(REPO)]},
             "pillar_roots": {"base": [str(pillar_dir)]},
