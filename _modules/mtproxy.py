@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import secrets
 import urllib.parse
@@ -128,24 +129,32 @@ def validate_secret(secret: Any, key: str = "secret") -> str:
     return secret
 
 
-def generated_secret() -> str:
+def generated_secret(path: str) -> str:
     """
-    The secret generated for this host: made once, kept in the grain
-    ``mtproxy:secret`` so links stay valid across applies. Under
-    ``test=True`` a missing secret is made up but not kept.
+    The secret generated for this host: made once and kept in ``path``
+    (pillar ``mtproxy:secret_file``, 0600 in a 0700 folder) so the links stay
+    valid across applies, also over salt-ssh where grains do not persist.
+    Under ``test=True`` a missing secret is made up but not kept.
 
     CLI Example:
 
     .. code-block:: bash
 
-        salt '*' mtproxy.generated_secret
+        salt '*' mtproxy.generated_secret /var/lib/mtproxy/secret
     """
-    secret = __salt__["grains.get"]("mtproxy:secret", "")
-    if secret and HEX32.match(secret):
+    try:
+        with open(path, encoding="ascii") as kept:
+            secret = kept.read().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        secret = ""
+    if HEX32.match(secret):
         return secret
     secret = secrets.token_hex(16)
     if not __opts__.get("test"):
-        __salt__["grains.set"]("mtproxy:secret", secret, force=True)
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as kept:
+            kept.write(secret + "\n")
     return secret
 
 
@@ -251,7 +260,10 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
     if secret:
         secret = validate_secret(secret)
     elif generate_secret:
-        secret = generated_secret()
+        secret_file = _text(settings, "secret_file", "use an absolute path")
+        if not secret_file.startswith("/"):
+            _fail("secret_file", secret_file, "use an absolute path such as /var/lib/mtproxy/secret")
+        secret = generated_secret(secret_file)
     tls_domain = _text(settings, "tls_domain", "use a DNS name such as www.example.com, or leave it empty")
     if tls_domain and not re.match(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", tls_domain):
         _fail("tls_domain", tls_domain, "use a DNS name such as www.example.com, or leave it empty")

@@ -3,7 +3,7 @@
 # Removes everything mtproxy (init.sls) created: containers, return-path
 # rules, config and run folders, the sysctl config file, the boot unit. The Docker engine,
 # the Python packages, the kernel's current sysctl values and the generated
-# secret (grain mtproxy:secret, so a redeploy keeps its links) stay.
+# secret (secret_file, so a redeploy keeps its links) stay.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 {%- set replicas = (salt['mtproxy.existing_replicas']() + mtproxy.replica_list | map(attribute='name') | list)

@@ -28,6 +28,7 @@ def cell_pillar(host: TestHost, **overrides: Any) -> dict:
         "config_dir": str(host.workdir / "etc-mtproxy"),
         "run_dir": str(host.workdir / "run-mtproxy"),
         "sysctl_config": str(host.workdir / "sysctl.d" / "90-mtproxy.conf"),
+        "secret_file": str(host.workdir / "var-lib-mtproxy" / "secret"),
         # The test host runs its own dockerd; an init script must not start another.
         "docker": {"install": False},
         # The boot unit goes to the workdir; no systemd to enable it in a test host.

@@ -61,7 +61,9 @@ def test_links_give_the_full_secret(cell):
     host.salt_call("saltutil.sync_modules")
     host.write_pillar(pillar)  # execution functions read the pillar files
     links = host.salt_call("mtproxy.links")
-    secret = host.salt_call("grains.get", "mtproxy:secret")
+    secret_file = host.workdir / "var-lib-mtproxy" / "secret"
+    secret = secret_file.read_text().strip()
+    assert oct(secret_file.stat().st_mode)[-3:] == "600"
     assert len(secret) == 32
     assert links[0]["tg"] == f"tg://proxy?server={host.address}&port=8443&secret=dd{secret}"
     assert links[0]["https"] == f"https://t.me/proxy?server={host.address}&port=8443&secret=dd{secret}"

@@ -27,19 +27,17 @@ SECRET = "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"
 
 
 @pytest.fixture(autouse=True)
-def loader_stubs(monkeypatch):
-    grains: dict = {}
+def loader_stubs(monkeypatch, tmp_path):
     stubs = {
         "network.default_route": lambda family: [{"interface": "eth0"}],
         "network.interface_ip": lambda iface: "203.0.113.10",
         "config.option": lambda key, default=None: default,
-        "grains.get": lambda key, default="": grains.get(key, default),
-        "grains.set": lambda key, value, force=False: grains.__setitem__(key, value),
     }
     monkeypatch.setattr(mtproxy, "__salt__", stubs, raising=False)
     monkeypatch.setattr(mtproxy, "__opts__", {"test": False}, raising=False)
     monkeypatch.setattr(mtproxy, "__grains__", {}, raising=False)
-    return grains
+    monkeypatch.setitem(DEFAULTS, "secret_file", str(tmp_path / "lib" / "secret"))
+    return tmp_path / "lib" / "secret"
 
 
 def settings(**changes) -> dict:
@@ -60,15 +58,16 @@ def test_defaults_derive_a_two_replica_cell(loader_stubs):
     assert cell["backend_address"] == "203.0.113.10"
     assert cell["public_host"] == "203.0.113.10"
     assert cell["haproxy"]["server_options"].startswith("check inter 1s fastinter 250ms")
-    # A generated secret is kept, so the next render gives the same links.
-    assert len(cell["secret"]) == 32 and loader_stubs["mtproxy:secret"] == cell["secret"]
+    # A generated secret is kept (0600), so the next render gives the same links.
+    assert len(cell["secret"]) == 32 and loader_stubs.read_text().strip() == cell["secret"]
+    assert oct(loader_stubs.stat().st_mode)[-3:] == "600"
     assert mtproxy.resolve(settings())["secret"] == cell["secret"]
 
 
 def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stubs):
     monkeypatch.setattr(mtproxy, "__opts__", {"test": True}, raising=False)
     mtproxy.resolve(settings())
-    assert "mtproxy:secret" not in loader_stubs
+    assert not loader_stubs.exists()
 
 
 @pytest.mark.parametrize(
