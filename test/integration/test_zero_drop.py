@@ -280,3 +280,30 @@ def test_option_change_replaces_replicas_one_at_a_time_under_load(cell):
     assert report["new"]["failed"] == 0, report["new"]
     wait_servers_up(host, changed_env, ["mtproxy_1", "mtproxy_2"])
     assert changed(apply(host, changed_env)) == {}
+
+
+def test_config_changing_applies_under_load_keep_every_connection(cell):
+    """10 applies that each change the HAProxy config (balance toggled): each
+    reloads HAProxy; no new connection fails and every long-lived one survives."""
+    host, _ = cell
+    pillars = [zero_drop_pillar(host, replicas=2, haproxy={"balance": b}) for b in ("roundrobin", "leastconn")]
+    apply(host, pillars[1])
+    wait_servers_up(host, pillars[1], ["mtproxy_1", "mtproxy_2"])
+    haproxy_id = containers(host)["mtproxy_haproxy"]["id"]
+    load = Load(host)
+    reloads = 0
+    try:
+        for i in range(10):
+            result = apply(host, pillars[i % 2])
+            reloads += "HAProxy reloads gracefully when its config changes" in changed(result)
+        time.sleep(HOLD)
+    finally:
+        report = load.stop() if load.proc.poll() is None else {}
+        load.kill()
+    print("\nconfig applies:", json.dumps({"reloads": reloads, "new": report["new"], "long": report["long"]}))
+    assert reloads == 10
+    assert containers(host)["mtproxy_haproxy"]["id"] == haproxy_id
+    assert report["new"]["attempted"] > 0
+    assert report["new"]["failed"] == 0, report["new"]
+    assert report["long"]["opened"] == LONG
+    assert report["long"]["failed"] == 0 and report["long"]["survived"] == LONG, report["long"]
