@@ -164,46 +164,89 @@ def test_killed_replica_costs_no_new_connection_and_comes_back(cell):
         assert report["long"]["survived"] > 0, report["long"]
 
 
-def test_scale_down_drains_the_removed_replica_and_reports_what_was_left(cell):
-    host, pillar = cell
-    wait_servers_up(host, pillar, ["mtproxy_1", "mtproxy_2"])
-    single = zero_drop_pillar(host, replicas=1)
+class DrainWatch:
+    """Polls HAProxy in a thread: for each server seen in DRAIN, the total
+    sessions (stot) when first and last seen draining."""
+
+    def __init__(self, host, pillar):
+        self.host, self.pillar = host, pillar
+        self.stot: dict[str, list[int]] = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            try:
+                rows = servers(self.host, self.pillar)
+            except (subprocess.SubprocessError, OSError):
+                continue  # a socket mid-reload: the next poll tells
+            for name, row in rows.items():
+                if row["status"].startswith("DRAIN"):
+                    seen = self.stot.setdefault(name, [int(row["stot"]), int(row["stot"])])
+                    seen[1] = int(row["stot"])
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+
+
+def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
+    host, _ = cell
+    four = zero_drop_pillar(host, replicas=4)
+    apply(host, four)
+    wait_servers_up(host, four, ["mtproxy_1", "mtproxy_2", "mtproxy_3", "mtproxy_4"])
+    two = zero_drop_pillar(host, replicas=2)
     load = Load(host)
+    watch = None
     try:
         time.sleep(1)
-        on_removed = int(servers(host, pillar)["mtproxy_2"]["scur"])
-        assert on_removed > 0, "no long-lived connection on mtproxy_2"
-        # test=True only announces the drain: mtproxy_2 keeps serving.
-        would = changed(apply(host, single, test=True))
-        assert "Extra replica mtproxy_2 is drained" in would
-        assert servers(host, pillar)["mtproxy_2"]["status"] == "UP"
+        on_removed = {n: int(servers(host, four)[n]["scur"]) for n in ("mtproxy_3", "mtproxy_4")}
+        assert all(on_removed.values()), f"no long-lived connection on a replica to remove: {on_removed}"
+        # test=True only announces the drains: the replicas keep serving.
+        would = changed(apply(host, two, test=True))
+        assert {"Extra replica mtproxy_3 is drained", "Extra replica mtproxy_4 is drained"} <= set(would)
+        assert servers(host, four)["mtproxy_3"]["status"] == "UP"
 
-        result = apply(host, single)
+        watch = DrainWatch(host, four)
+        result = apply(host, two)
         time.sleep(HOLD)
     finally:
+        if watch:
+            watch.stop()
         report = load.stop() if load.proc.poll() is None else {}
         load.kill()
     by_id = {v["__id__"]: v for v in result.values()}
-    drain = by_id["Extra replica mtproxy_2 is drained"]
-    outcome = drain["changes"]["haproxy_runtime.drain"]
+    drains = {n: by_id[f"Extra replica {n} is drained"] for n in ("mtproxy_3", "mtproxy_4")}
+    outcomes = {n: d["changes"]["haproxy_runtime.drain"] for n, d in drains.items()}
     print(
         "\nscale-down:",
-        json.dumps({"sessions_on_mtproxy_2_before": on_removed, "drain": outcome, "new": report["new"]}),
+        json.dumps(
+            {"sessions_before": on_removed, "drains": outcomes, "stot_while_draining": watch.stot, "new": report["new"]}
+        ),
     )
-    assert outcome["server"] == "mtproxy_replicas/mtproxy_2"
-    # The long-lived clients outlast the 5 s drain_timeout: the output says how many were left.
-    assert outcome["sessions_left"] > 0 and outcome["drained"] is False
-    # Drained first, then reloaded without it, then removed.
+    for name, outcome in outcomes.items():
+        assert outcome["server"] == f"mtproxy_replicas/{name}"
+        # The long-lived clients outlast the 5 s drain_timeout: the output says how many were left.
+        assert outcome["sessions_left"] > 0 and outcome["drained"] is False
+    # No new connection reached a replica once it was draining.
+    assert set(watch.stot) >= {"mtproxy_3", "mtproxy_4"}, watch.stot
+    for name, (first, last) in watch.stot.items():
+        assert last == first, f"{name} got {last - first} new sessions while draining"
+    # Drained first, then reloaded without them, then removed.
     reload_state = by_id["HAProxy reloads gracefully when its config changes"]
-    removal = by_id["Extra replica mtproxy_2 is removed"]
-    assert drain["__run_num__"] < reload_state["__run_num__"] < removal["__run_num__"]
-    assert set(containers(host)) == {"mtproxy_1", "mtproxy_haproxy"}
-    assert set(servers(host, single)) == {"mtproxy_1"}
-    # New clients never noticed.
+    for name, drain in drains.items():
+        removal = by_id[f"Extra replica {name} is removed"]
+        assert drain["__run_num__"] < reload_state["__run_num__"] < removal["__run_num__"]
+    assert set(containers(host)) == {"mtproxy_1", "mtproxy_2", "mtproxy_haproxy"}
+    assert set(servers(host, two)) == {"mtproxy_1", "mtproxy_2"}
+    # New clients never noticed; those that landed on a draining replica
+    # before its drain ended their 4 s (< drain_timeout) uncut: no failure.
     assert report["new"]["attempted"] > 0
     assert report["new"]["failed"] == 0, report["new"]
     # The steady state is change-free again.
-    assert changed(apply(host, single)) == {}
+    assert changed(apply(host, two)) == {}
 
 
 class UpWatch:
