@@ -100,6 +100,18 @@ def netns_pids(netns: str) -> list[int]:
     return [int(p) for p in out.split() if p.isdigit()]
 
 
+def _veth(*ends: tuple[str, str, str]) -> None:
+    """A veth pair between two namespaces: each end is (namespace, interface, address/24).
+
+    Both ends are created inside the namespaces: the root namespace never sees them.
+    """
+    (netns_a, if_a, _), (netns_b, if_b, _) = ends
+    _run(["ip", "-n", netns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", netns_b])
+    for netns, ifname, addr in ends:
+        _run(["ip", "-n", netns, "addr", "add", f"{addr}/24", "dev", ifname])
+        _run(["ip", "-n", netns, "link", "set", ifname, "up"])
+
+
 def mounts_under(path: Path) -> list[str]:
     """Mount points at or below ``path``, deepest first."""
     prefix = str(path)
@@ -223,27 +235,7 @@ class TestHost:
         Both ends are created inside the namespaces and go with either of them.
         """
         mine, theirs = f"{LINK_NETWORK}.{other.index}.1", f"{LINK_NETWORK}.{other.index}.2"
-        mine_if, their_if = f"link{other.index}", f"link{self.index}"
-        _run(
-            [
-                "ip",
-                "-n",
-                self.netns,
-                "link",
-                "add",
-                mine_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                their_if,
-                "netns",
-                other.netns,
-            ]
-        )
-        for netns, ifname, addr in ((self.netns, mine_if, mine), (other.netns, their_if, theirs)):
-            _run(["ip", "-n", netns, "addr", "add", f"{addr}/24", "dev", ifname])
-            _run(["ip", "-n", netns, "link", "set", ifname, "up"])
+        _veth((self.netns, f"link{other.index}", mine), (other.netns, f"link{self.index}", theirs))
         return mine, theirs
 
     # -- salt-call inside the host ----------------------------------------------
@@ -345,31 +337,7 @@ class TestHost:
         for netns in (self.netns, self.client_netns):
             _run(["ip", "netns", "add", netns])
             _run(["ip", "-n", netns, "link", "set", "lo", "up"])
-        # Both ends are created inside the namespaces: the root namespace
-        # never sees them.
-        _run(
-            [
-                "ip",
-                "-n",
-                self.netns,
-                "link",
-                "add",
-                self.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                self.client_if,
-                "netns",
-                self.client_netns,
-            ]
-        )
-        for netns, ifname, addr in (
-            (self.netns, self.host_if, self.address),
-            (self.client_netns, self.client_if, self.client_address),
-        ):
-            _run(["ip", "-n", netns, "addr", "add", f"{addr}/24", "dev", ifname])
-            _run(["ip", "-n", netns, "link", "set", ifname, "up"])
+        _veth((self.netns, self.host_if, self.address), (self.client_netns, self.client_if, self.client_address))
 
     def _start_dockerd(self) -> None:
         for sub in ("data", "exec"):

@@ -6,38 +6,20 @@ from __future__ import annotations
 
 import pytest
 from cell import (
-    BASE_PORT,
     apply,
+    assert_cell_serves,
     cell_pillar,
     changed,
     containers,
     failed,
     ip_rules,
     mangle_output,
-    replica_peers,
+    replica_names,
     servers,
     wait_servers_up,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def replica_names(count: int) -> list[str]:
-    return [f"mtproxy_{i}" for i in range(1, count + 1)]
-
-
-def assert_cell_serves(host, pillar, count: int) -> None:
-    """`count` replicas run, are UP, share 20 clients, and see the client's address."""
-    running = {n: c for n, c in containers(host).items() if c["state"] == "running"}
-    assert set(replica_names(count)) | {"mtproxy_haproxy"} == set(running)
-    wait_servers_up(host, pillar, replica_names(count))
-    ports = [BASE_PORT + i for i in range(count)]
-    peers = replica_peers(host, ports, connections=20)
-    assert sum(len(p) for p in peers.values()) == 20, peers
-    for port in ports:
-        assert peers[port], f"replica on port {port} got no client: {peers}"
-        # Transparent mode: the replica sees the client, never the host itself.
-        assert set(peers[port]) == {host.client_address}, peers
 
 
 @pytest.fixture(scope="module")

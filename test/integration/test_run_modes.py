@@ -17,28 +17,11 @@ import time
 
 import pytest
 import yaml
-from cell import BASE_PORT, cell_pillar, changed, containers, failed, replica_peers, wait_servers_up
+from cell import assert_cell_serves, cell_pillar, changed, containers, failed
 from saltdaemons import EXAMPLES, SaltMaster, SaltMinion, Sshd, salt_ssh
 from testhost import VENV_BIN
 
 pytestmark = pytest.mark.integration
-
-
-def replica_names(count: int) -> list[str]:
-    return [f"mtproxy_{i}" for i in range(1, count + 1)]
-
-
-def assert_cell_serves(host, pillar, count: int) -> None:
-    """`count` replicas run, are UP, share 12 clients, and see the client's address."""
-    running = {n for n, c in containers(host).items() if c["state"] == "running"}
-    assert set(replica_names(count)) | {"mtproxy_haproxy"} == running
-    wait_servers_up(host, pillar, replica_names(count))
-    ports = [BASE_PORT + i for i in range(count)]
-    peers = replica_peers(host, ports, connections=12)
-    assert sum(len(p) for p in peers.values()) == 12, peers
-    for port in ports:
-        assert peers[port], f"replica on port {port} got no client: {peers}"
-        assert set(peers[port]) == {host.client_address}, peers
 
 
 def state_results(returns: dict, minion: str) -> dict:
@@ -92,7 +75,7 @@ def test_master_apply_deploys_every_cell(cluster):
     returns = timed("master/minion first apply (2 minions)", master.salt, "*", "state.apply", "mtproxy")
     for host in hosts:
         state_results(returns, host.name)
-        assert_cell_serves(host, pillars[host.name], 2)
+        assert_cell_serves(host, pillars[host.name], 2, connections=12)
         # The pillar came from the master: every file sits in the host's workdir.
         assert (host.workdir / "etc-mtproxy" / "haproxy" / "haproxy.cfg").is_file()
     # Two cells, two secrets: each host generated its own.
@@ -116,17 +99,17 @@ def test_cli_pillar_scales_and_targeting_changes_one_host(cluster):
     returns = timed("master/minion scale to 3 (2 minions)", master.salt, "*", "state.apply", "mtproxy", override)
     for host in (one, two):
         state_results(returns, host.name)
-        assert_cell_serves(host, cell_pillar(host, replicas=3), 3)
+        assert_cell_serves(host, cell_pillar(host, replicas=3), 3, connections=12)
 
     before_one = containers(one)
     returns = master.salt(two.name, "state.apply", "mtproxy", 'pillar={"mtproxy": {"replicas": 1}}')
     assert set(returns) == {two.name}
     assert changed(state_results(returns, two.name))
     assert set(containers(two)) == {"mtproxy_1", "mtproxy_haproxy"}
-    assert_cell_serves(two, cell_pillar(two, replicas=1), 1)
+    assert_cell_serves(two, cell_pillar(two, replicas=1), 1, connections=12)
     # The other host was not touched: same containers, still three replicas serving.
     assert containers(one) == before_one
-    assert_cell_serves(one, cell_pillar(one, replicas=3), 3)
+    assert_cell_serves(one, cell_pillar(one, replicas=3), 3, connections=12)
 
 
 # -- salt-ssh --------------------------------------------------------------------
@@ -185,7 +168,7 @@ def test_salt_ssh_apply_deploys_a_serving_cell(ssh_target):
         timeout=300,
     )
     state_results(returns, host.name)
-    assert_cell_serves(host, pillar, 2)
+    assert_cell_serves(host, pillar, 2, connections=12)
 
     again = timed(
         "salt-ssh second apply", salt_ssh, master, host, roster, key, host.name, "state.apply", "mtproxy", timeout=300

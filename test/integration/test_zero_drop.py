@@ -164,13 +164,16 @@ def test_killed_replica_costs_no_new_connection_and_comes_back(cell):
         assert report["long"]["survived"] > 0, report["long"]
 
 
-class DrainWatch:
-    """Polls HAProxy in a thread: for each server seen in DRAIN, the total
-    sessions (stot) when first and last seen draining."""
+class ServerWatch:
+    """Polls HAProxy in a thread while an apply runs. :attr:`fewest_up` is the
+    lowest number of UP replicas seen; :attr:`drain_stot` holds, for each
+    server seen in DRAIN, its total sessions when first and last seen so."""
 
     def __init__(self, host, pillar):
         self.host, self.pillar = host, pillar
-        self.stot: dict[str, list[int]] = {}
+        self.fewest_up: int | None = None
+        self.polls = 0
+        self.drain_stot: dict[str, list[int]] = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -181,10 +184,13 @@ class DrainWatch:
                 rows = servers(self.host, self.pillar)
             except (subprocess.SubprocessError, OSError):
                 continue  # a socket mid-reload: the next poll tells
+            up = sum(1 for row in rows.values() if row["status"] == "UP")
+            self.fewest_up = up if self.fewest_up is None else min(self.fewest_up, up)
             for name, row in rows.items():
                 if row["status"].startswith("DRAIN"):
-                    seen = self.stot.setdefault(name, [int(row["stot"]), int(row["stot"])])
+                    seen = self.drain_stot.setdefault(name, [int(row["stot"])] * 2)
                     seen[1] = int(row["stot"])
+            self.polls += 1
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -209,7 +215,7 @@ def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
         assert {"Extra replica mtproxy_3 is drained", "Extra replica mtproxy_4 is drained"} <= set(would)
         assert servers(host, four)["mtproxy_3"]["status"] == "UP"
 
-        watch = DrainWatch(host, four)
+        watch = ServerWatch(host, four)
         result = apply(host, two)
         time.sleep(HOLD)
     finally:
@@ -223,7 +229,12 @@ def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
     print(
         "\nscale-down:",
         json.dumps(
-            {"sessions_before": on_removed, "drains": outcomes, "stot_while_draining": watch.stot, "new": report["new"]}
+            {
+                "sessions_before": on_removed,
+                "drains": outcomes,
+                "stot_while_draining": watch.drain_stot,
+                "new": report["new"],
+            }
         ),
     )
     for name, outcome in outcomes.items():
@@ -231,8 +242,8 @@ def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
         # The long-lived clients outlast the 5 s drain_timeout: the output says how many were left.
         assert outcome["sessions_left"] > 0 and outcome["drained"] is False
     # No new connection reached a replica once it was draining.
-    assert set(watch.stot) >= {"mtproxy_3", "mtproxy_4"}, watch.stot
-    for name, (first, last) in watch.stot.items():
+    assert set(watch.drain_stot) >= {"mtproxy_3", "mtproxy_4"}, watch.drain_stot
+    for name, (first, last) in watch.drain_stot.items():
         assert last == first, f"{name} got {last - first} new sessions while draining"
     # Drained first, then reloaded without them, then removed.
     reload_state = by_id["HAProxy reloads gracefully when its config changes"]
@@ -249,33 +260,6 @@ def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
     assert changed(apply(host, two)) == {}
 
 
-class UpWatch:
-    """Polls HAProxy in a thread; :attr:`fewest` is the lowest number of UP replicas seen."""
-
-    def __init__(self, host, pillar):
-        self.host, self.pillar = host, pillar
-        self.fewest: int | None = None
-        self.polls = 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.done.is_set():
-            try:
-                rows = servers(self.host, self.pillar)
-            except (subprocess.SubprocessError, OSError):
-                continue  # a socket mid-reload: the next poll tells
-            up = sum(1 for row in rows.values() if row["status"] == "UP")
-            self.fewest = up if self.fewest is None else min(self.fewest, up)
-            self.polls += 1
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.thread.join(timeout=10)
-
-
 def test_option_change_replaces_replicas_one_at_a_time_under_load(cell):
     host, _ = cell
     two = zero_drop_pillar(host, replicas=2)
@@ -284,7 +268,7 @@ def test_option_change_replaces_replicas_one_at_a_time_under_load(cell):
     ids_before = {name: info["id"] for name, info in containers(host).items()}
     changed_env = zero_drop_pillar(host, replicas=2, replica_environment={"ZERO_DROP": "1"})
     load = Load(host)
-    watch = UpWatch(host, two)
+    watch = ServerWatch(host, two)
     try:
         time.sleep(1)
         result = apply(host, changed_env)
@@ -300,7 +284,7 @@ def test_option_change_replaces_replicas_one_at_a_time_under_load(cell):
     }
     print(
         "\nrolling replacement:",
-        json.dumps({"fewest_up": watch.fewest, "polls": watch.polls, "drains": drains, "new": report["new"]}),
+        json.dumps({"fewest_up": watch.fewest_up, "polls": watch.polls, "drains": drains, "new": report["new"]}),
     )
     ids_after = {name: info["id"] for name, info in containers(host).items()}
     assert ids_after["mtproxy_1"] != ids_before["mtproxy_1"] and ids_after["mtproxy_2"] != ids_before["mtproxy_2"]
@@ -318,7 +302,7 @@ def test_option_change_replaces_replicas_one_at_a_time_under_load(cell):
         )
     ]
     assert order == sorted(order)
-    assert watch.polls > 0 and watch.fewest >= 1
+    assert watch.polls > 0 and watch.fewest_up >= 1
     assert report["new"]["attempted"] > 0
     assert report["new"]["failed"] == 0, report["new"]
     wait_servers_up(host, changed_env, ["mtproxy_1", "mtproxy_2"])
