@@ -18,6 +18,7 @@ CLI examples:
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -51,6 +52,8 @@ REPLICA_PREFIX = "mtproxy_"
 HAPROXY_CONFIG_MOUNT = "/etc/haproxy"
 HAPROXY_RUN_MOUNT = "/run/haproxy"
 REPLICA_CONFIG_MOUNT = "/etc/mtprotoproxy"
+# Written by the return-path watchdog (mtproxy/watchdog.sls) in run_dir.
+WATCHDOG_STATUS = "return-path.status"
 
 HEALTH_CHECK_PROFILES = {
     # Measured (DESIGN.md section 3): DOWN in about 1 s, 0 failed new
@@ -416,7 +419,10 @@ def links(masked: bool = False) -> list[dict]:
 def status() -> dict:
     """
     Per replica: container state, HAProxy status and current sessions; plus
-    the HAProxy container's state and the stats URL.
+    the HAProxy container's state and the stats URL; plus the return path:
+    ``ok`` and ``missing``/``stale`` rules (``tproxy.check`` with the cell's
+    settings) and, when the watchdog runs, its last check, last repair and
+    what it repaired.
 
     CLI Example:
 
@@ -470,4 +476,35 @@ def status() -> dict:
             "error": haproxy_error,
         },
         "replicas": replicas,
+        "return_path": _return_path(cell),
     }
+
+
+def _return_path(cell: dict) -> dict:
+    """The return path of ``cell`` (resolved settings): rules present, the watchdog's last repair."""
+    tproxy = cell["tproxy"]
+    report: dict[str, Any] = {"ok": None, "missing": [], "stale": []}
+    try:
+        if "tproxy.check" not in __salt__:
+            raise CommandExecutionError("the tproxy module is not available (pyroute2 missing?)")
+        result = __salt__["tproxy.check"](
+            name="mtproxy",
+            ports=tproxy["ports"],
+            method=tproxy["method"],
+            mark=tproxy["mark"],
+            table=tproxy["table"],
+            family=tproxy["family"],
+        )
+        report.update(ok=result["ok"], missing=result["missing"], stale=result["stale"])
+    except Exception as exc:  # SaltInvocationError too: report it, never fail status
+        report.update(ok=False, error=str(exc))
+    path = os.path.join(cell["run_dir"], WATCHDOG_STATUS)
+    try:
+        with open(path) as handle:
+            watchdog = json.load(handle)
+        report["watchdog"] = {
+            key: watchdog.get(key) for key in ("last_check", "last_repair", "repaired", "ok", "error", "pid")
+        }
+    except (OSError, ValueError, AttributeError):
+        report["watchdog"] = None
+    return report

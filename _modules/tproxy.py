@@ -29,18 +29,31 @@ holds the state's arguments (name, ports, method, mark, table, family)::
 
     python3 tproxy.py ensure --config /etc/mtproxy/return-path.json
     python3 tproxy.py check --config /etc/mtproxy/return-path.json
+
+``watch`` is the watchdog unit's loop: every ``--interval`` seconds ``check``,
+and when something is missing ``ensure`` (additions only: stale items are
+reported, and left to the state, whose newer arguments the file may lag
+behind), one log line per repair and a JSON status file (``--status``)::
+
+    python3 tproxy.py watch --config /etc/mtproxy/return-path.json --interval 3 \\
+        --status /run/mtproxy/return-path.status
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
+import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from typing import NamedTuple
 
 try:
@@ -88,6 +101,10 @@ FR_ACT_TO_TBL = 1
 IPPROTO_TCP = 6
 FULL_MASK = 0xFFFFFFFF
 FRA_SPORT_MASK = 28
+# Bounds one iptables call (it waits for the xtables lock with -w): a watchdog
+# iteration never hangs on a stuck firewall tool.
+IPTABLES_TIMEOUT = 30
+EEXIST = 17
 # Rule attributes our rules carry (or the kernel adds with neutral values).
 KNOWN_RULE_ATTRS = {
     "FRA_TABLE",
@@ -385,7 +402,18 @@ def _binary(spec_binaries: dict[str, str], family: str) -> str | None:
 
 
 def _iptables(binary: str, *args: str) -> str:
-    proc = subprocess.run([binary, "-w", "-t", "mangle", *args], capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(
+            [binary, "-w", "-t", "mangle", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=IPTABLES_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CommandExecutionError(
+            f"{binary} -t mangle {shlex.join(args)} did not finish within {IPTABLES_TIMEOUT} s"
+        ) from exc
     if proc.returncode != 0:
         raise CommandExecutionError(
             f"{binary} -t mangle {shlex.join(args)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
@@ -505,6 +533,8 @@ def _change(ipr, verb: str, item: Item, binaries: dict[str, str]) -> None:
     try:
         call(verb, **_netlink_args(item, lo))
     except NetlinkError as exc:
+        if verb == "add" and getattr(exc, "code", None) == EEXIST:
+            return  # added meanwhile by the watchdog or the state: the kernel holds it
         raise CommandExecutionError(_netlink_error(exc, f"{verb} `{describe(item)}`")) from exc
 
 
@@ -577,11 +607,13 @@ def ensure(
     iptables="iptables",
     ip6tables="ip6tables",
     test=False,
+    keep_stale=False,
 ):
     """Make the kernel hold exactly the rules for ``ports``: add what is missing, then remove what is stale.
 
     Returns ``{"added": [...], "removed": [...]}`` (keys only when not empty; with
-    ``test`` what would be done, nothing is changed). Raises
+    ``test`` what would be done, nothing is changed; with ``keep_stale`` only
+    what is missing is added, as the watchdog does). Raises
     SaltInvocationError for bad arguments and CommandExecutionError when the
     kernel refuses (its ``info`` holds what was already done).
 
@@ -592,6 +624,8 @@ def ensure(
     spec = validate(name, ports, method, mark, table, family, priority, tag, iptables, ip6tables)
     with IPRoute() as ipr:
         to_add, to_remove = _plan(ipr, spec)
+        if keep_stale:
+            to_remove = []
         if test:
             return _changes({"added": [describe(i) for i in to_add], "removed": [describe(i) for i in to_remove]})
         return _changes(_apply(ipr, to_add, to_remove, spec.binaries))
@@ -618,25 +652,100 @@ def remove(name, table=100, family="both", tag=DEFAULT_TAG, iptables="iptables",
         return _changes(_apply(ipr, [], stale, binaries))
 
 
-# -- boot unit entry point -------------------------------------------------------
+# -- boot unit and watchdog entry point --------------------------------------------
+
+
+def _load_config(path: str) -> dict:
+    with open(path) as handle:
+        config = json.load(handle)
+    if not isinstance(config, dict):
+        raise SaltInvocationError(f"{path} must hold a JSON object")
+    return config
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _write_status(path: str, status: dict) -> None:
+    """Write ``status`` as JSON to ``path`` atomically (a reader sees the old or the new file)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".return-path.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(status, handle)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def watch_once(config_path: str, status: dict) -> dict:
+    """One watchdog iteration: ``check``; if something is missing, ``ensure`` (additions only).
+
+    Updates and returns ``status`` (ok, missing, stale, error, last_check, and on
+    a repair last_repair and repaired). Bounded work: one read of the kernel
+    state, at most one ``ensure``.
+    """
+    status["last_check"] = _now()
+    try:
+        config = _load_config(config_path)
+        result = check(**config)
+        if result["missing"]:
+            done = ensure(**config, keep_stale=True)
+            repaired = done.get("added", [])
+            status.update(last_repair=_now(), repaired=repaired)
+            print(f"tproxy watch: restored {len(repaired)}: {'; '.join(repaired)}", flush=True)
+            result = check(**config)
+        status.update(ok=result["ok"], missing=result["missing"], stale=result["stale"], error=None)
+    except (OSError, ValueError, TypeError, SaltInvocationError, CommandExecutionError) as exc:
+        if status.get("error") != str(exc):  # one line per new error, not one per interval
+            print(f"tproxy watch: {exc}", file=sys.stderr, flush=True)
+        status.update(ok=False, error=str(exc))
+    return status
+
+
+def watch(config_path: str, interval: float, status_path: str | None, stop: threading.Event) -> int:
+    """Run :func:`watch_once` every ``interval`` seconds until ``stop`` is set."""
+    status: dict = {"ok": None, "last_check": None, "last_repair": None, "repaired": [], "error": None}
+    print(f"tproxy watch: checking {config_path} every {interval:g} s", flush=True)
+    while not stop.is_set():
+        watch_once(config_path, status)
+        if status_path:
+            try:
+                _write_status(status_path, {**status, "pid": os.getpid(), "interval": interval})
+            except OSError as exc:
+                print(f"tproxy watch: cannot write {status_path}: {exc}", file=sys.stderr, flush=True)
+        stop.wait(interval)
+    print("tproxy watch: stopped", flush=True)
+    return 0
 
 
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Check or restore the return-path rules described by a JSON file (the tproxy.present arguments)."
+        description="Check, restore or watch the return-path rules described by a JSON file "
+        "(the tproxy.present arguments)."
     )
-    parser.add_argument("action", choices=("ensure", "check"))
+    parser.add_argument("action", choices=("ensure", "check", "watch"))
     parser.add_argument("--config", required=True, help="JSON file: name, ports, method, mark, table, family")
+    parser.add_argument("--interval", type=float, default=3.0, help="watch: seconds between checks")
+    parser.add_argument("--status", help="watch: JSON status file, rewritten after every check")
     args = parser.parse_args(argv)
+    if args.interval <= 0:
+        parser.error("--interval must be positive")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not HAS_PYROUTE2:
         print("tproxy: the pyroute2 Python library is missing", file=sys.stderr)
         return 2
+    if args.action == "watch":
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        return watch(args.config, args.interval, args.status, stop)
     try:
-        with open(args.config) as handle:
-            config = json.load(handle)
-        if not isinstance(config, dict):
-            raise SaltInvocationError(f"{args.config} must hold a JSON object")
+        config = _load_config(args.config)
         result = (ensure if args.action == "ensure" else check)(**config)
     except (OSError, ValueError, TypeError, SaltInvocationError, CommandExecutionError) as exc:
         print(f"tproxy {args.action}: {exc}", file=sys.stderr)

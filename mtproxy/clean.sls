@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # vim: ft=sls
 # Removes everything mtproxy (init.sls) created: containers, return-path
-# rules, config and run folders, the sysctl config file, the boot unit. The Docker engine,
+# rules, config and run folders, the sysctl config file, the boot and watchdog
+# units (the watchdog is stopped before the rules go). The Docker engine,
 # the Python packages, the kernel's current sysctl values and the generated
 # secret (secret_file, so a redeploy keeps its links) stay.
 {%- set tplroot = tpldir.split('/')[0] %}
@@ -23,6 +24,21 @@ Replica {{ name }} is removed:
     - require:
       - docker_container: HAProxy container is removed
 {%- endfor %}
+
+{%- if mtproxy.boot.enable and salt['file.directory_exists']('/run/systemd/system') %}
+
+Return-path watchdog is stopped:
+  service.dead:
+    - name: {{ mtproxy.boot.watchdog_unit_name }}
+    - enable: false
+    - require_in:
+      - tproxy: Return-path rules and routes are removed
+      - file: Return-path watchdog unit is removed
+{%- endif %}
+
+Return-path watchdog unit is removed:
+  file.absent:
+    - name: {{ mtproxy.boot.unit_dir }}/{{ mtproxy.boot.watchdog_unit_name }}
 
 Return-path rules and routes are removed:
   tproxy.absent:

@@ -13,6 +13,9 @@
 {%- endfor %}
 {%- set ports = ports | unique | sort %}
 
+include:
+  - .boot
+
 {%- for key, value in mtproxy.sysctls | dictsort %}
 
 Kernel parameter {{ key }} is {{ value }}:
@@ -30,3 +33,7 @@ Replica replies are routed back to HAProxy:
     - mark: {{ mtproxy.tproxy.mark }}
     - table: {{ mtproxy.tproxy.table }}
     - family: {{ mtproxy.tproxy.family }}
+    # The watchdog (watchdog.sls) restores what return-path.json names: update
+    # it first, so the watchdog never puts back what this state removes.
+    - require:
+      - file: Return-path boot settings are in place

@@ -7,4 +7,5 @@ include:
   - .replicas
   - .haproxy
   - .boot
+  - .watchdog
   - .links
