@@ -232,6 +232,7 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
         _fail("haproxy:stats_port", stats_port, "it is the frontend port too; give each role its own port")
     _choice(settings, "haproxy:balance", BALANCE)
     _integer(settings, "haproxy:maxconn", 1, 1000000)
+    _integer(settings, "boot:watch_interval", 1, 3600)
     tproxy = dict(settings.get("tproxy") or {})
     _choice(settings, "tproxy:method", TPROXY_METHODS)
     _choice(settings, "tproxy:family", FAMILIES)

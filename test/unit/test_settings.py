@@ -100,6 +100,8 @@ def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stub
         ({"haproxy__frontend_bind": "everywhere"}, "mtproxy:haproxy:frontend_bind", "IP address"),
         ({"tls_domain": "not a domain"}, "mtproxy:tls_domain", "DNS name"),
         ({"haproxy__health_check__profile": "turbo"}, "mtproxy:haproxy:health_check:profile", "fast, original"),
+        ({"boot__watch_interval": 0}, "mtproxy:boot:watch_interval", "from 1 to 3600"),
+        ({"boot__watch_interval": "often"}, "mtproxy:boot:watch_interval", "from 1 to 3600"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(changes, key, allowed):
