@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -208,3 +209,17 @@ def assert_cell_serves(host: TestHost, pillar: dict, count: int, connections: in
     for port in ports:
         assert peers[port], f"replica on port {port} got no client: {peers}"
         assert set(peers[port]) == {host.client_address}, peers
+
+
+def unit_problems(unit, tolerated: str) -> list[str]:
+    """What ``systemd-analyze verify`` finds wrong in a unit file ([] when it is
+    not installed). Without systemd as PID 1 it still parses the unit; lines
+    about the ``tolerated`` unit it refers to (absent here) are left out."""
+    if not shutil.which("systemd-analyze"):
+        return []
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False)
+    return [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if line.strip() and tolerated not in line and "Failed to " not in line
+    ]
