@@ -111,6 +111,13 @@ def _text(settings: dict, key: str, allowed: str) -> str:
     return value
 
 
+def _flag(settings: dict, key: str) -> bool:
+    value = _lookup(settings, key)
+    if not isinstance(value, bool):
+        _fail(key, value, "use true or false")
+    return value
+
+
 def _choice(settings: dict, key: str, allowed: tuple[str, ...]) -> str:
     value = _lookup(settings, key)
     if value not in allowed:
@@ -232,6 +239,8 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
         _fail("haproxy:stats_port", stats_port, "it is the frontend port too; give each role its own port")
     _choice(settings, "haproxy:balance", BALANCE)
     _integer(settings, "haproxy:maxconn", 1, 1000000)
+    _flag(settings, "haproxy:splice")
+    _flag(settings, "haproxy:redispatch")
     _integer(settings, "boot:watch_interval", 1, 3600)
     tproxy = dict(settings.get("tproxy") or {})
     _choice(settings, "tproxy:method", TPROXY_METHODS)
