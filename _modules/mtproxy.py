@@ -63,6 +63,39 @@ HEALTH_CHECK_PROFILES = {
     # The original design: DOWN after about 6 s.
     "original": "check inter 3s fall 2 rise 2",
 }
+# What each MTProxy implementation can do (DESIGN.md section 7). A setting a
+# flavor cannot honour is refused at render time, naming the key.
+FLAVORS: dict[str, dict[str, Any]] = {
+    # alexbers/mtprotoproxy, built locally (images/mtprotoproxy).
+    "mtprotoproxy": {
+        "image": "mtproxy-formula/mtprotoproxy:local",
+        "client_ip": ("tproxy", "proxy_protocol"),
+        "modes": ("classic", "secure", "tls"),
+        "max_secrets": 16,
+        "ad_tag": True,
+    },
+    # telegrammessenger/proxy: the original design's image (C, upstream
+    # frozen since 2019): no PROXY protocol, no fake-TLS.
+    "official": {
+        "image": "telegrammessenger/proxy:latest",
+        "client_ip": ("tproxy",),
+        "modes": ("classic", "secure"),
+        "max_secrets": 16,
+        "ad_tag": True,
+    },
+    # 9seconds/mtg v2: fake-TLS only, one secret, no ad tag by design.
+    "mtg": {
+        "image": "nineseconds/mtg:2",
+        "client_ip": ("tproxy", "proxy_protocol"),
+        "modes": ("tls",),
+        "max_secrets": 1,
+        "ad_tag": False,
+    },
+}
+CLIENT_IP = ("tproxy", "proxy_protocol")
+MODES = ("classic", "secure", "tls")
+# The official image's local stats port: replica port + this offset.
+OFFICIAL_STATS_OFFSET = 10000
 BALANCE = ("leastconn", "roundrobin")
 TPROXY_METHODS = ("mark", "sport")
 FAMILIES = ("ipv4", "ipv6", "both")
@@ -247,6 +280,23 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
     _choice(settings, "tproxy:family", FAMILIES)
     _integer(settings, "tproxy:mark", 1, 0xFFFFFFFF)
     _integer(settings, "tproxy:table", 1, 0xFFFFFFFF - 1)
+    flavor = _choice(settings, "flavor", tuple(FLAVORS))
+    capabilities = FLAVORS[flavor]
+    client_ip = _choice(settings, "client_ip", CLIENT_IP)
+    if client_ip not in capabilities["client_ip"]:
+        _fail(
+            "client_ip",
+            client_ip,
+            f"flavor {flavor} does not accept the PROXY protocol; use tproxy, or flavor mtprotoproxy or mtg",
+        )
+    settings["image"] = _text(settings, "image", "use an image reference") or capabilities["image"]
+    if flavor == "official" and ports[-1] + OFFICIAL_STATS_OFFSET > 65535:
+        _fail(
+            "base_port",
+            base_port,
+            f"flavor official also uses port+{OFFICIAL_STATS_OFFSET} (local stats) for each replica; "
+            f"use a base_port up to {65535 - OFFICIAL_STATS_OFFSET - replicas + 1}",
+        )
     for key in ("image", "haproxy:image"):
         image = _lookup(settings, key)
         if not isinstance(image, str) or not IMAGE_REF.match(image):
@@ -277,9 +327,16 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
         if not secret_file.startswith("/"):
             _fail("secret_file", secret_file, "use an absolute path such as /var/lib/mtproxy/secret")
         secret = generated_secret(secret_file)
+    all_secrets = [secret, *_extra_secrets(settings, flavor, capabilities["max_secrets"], secret)]
     tls_domain = _text(settings, "tls_domain", "use a DNS name such as www.example.com, or leave it empty")
     if tls_domain and not re.match(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", tls_domain):
         _fail("tls_domain", tls_domain, "use a DNS name such as www.example.com, or leave it empty")
+    modes = _modes(settings, flavor, capabilities["modes"], tls_domain)
+    ad_tag = _text(settings, "ad_tag", "use the 32 hex characters @MTProxybot gave you, or leave it empty").lower()
+    if ad_tag and not HEX32.match(ad_tag):
+        _fail("ad_tag", ad_tag, "use the 32 hex characters @MTProxybot gave you, or leave it empty")
+    if ad_tag and not capabilities["ad_tag"]:
+        _fail("ad_tag", ad_tag, f"flavor {flavor} has no ad tag (promoted channel); leave it empty")
 
     backend_address = _text(settings, "backend_address", "use an IP address of this host") or primary_ipv4()
     _address({"backend_address": backend_address}, "backend_address")
@@ -296,6 +353,8 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             "index": index,
             "port": port,
             "config_dir": f"{config_dir}/replicas/{REPLICA_PREFIX}{index}",
+            # The official image's local stats (127.0.0.1 only).
+            "stats_port": port + OFFICIAL_STATS_OFFSET,
         }
         for index, port in enumerate(ports, start=1)
     ]
@@ -321,7 +380,12 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             "ports": ports,
             "replica_list": replica_list,
             "replica_config_mount": REPLICA_CONFIG_MOUNT,
+            "flavor": flavor,
+            "client_ip": client_ip,
             "secret": secret,
+            "secrets": all_secrets,
+            "modes": modes,
+            "ad_tag": ad_tag,
             "tls_domain": tls_domain,
             "backend_address": backend_address,
             "public_host": public_host,
@@ -333,6 +397,36 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
         }
     )
     return settings
+
+
+def _extra_secrets(settings: dict, flavor: str, max_secrets: int, secret: str) -> list[str]:
+    extra = settings.get("extra_secrets") or []
+    if not isinstance(extra, list):
+        _fail("extra_secrets", "<hidden>", "use a list of secrets, each 32 hex characters")
+    if extra and max_secrets == 1:
+        _fail("extra_secrets", "<hidden>", f"flavor {flavor} serves one secret per instance; leave it empty")
+    if len(extra) + 1 > max_secrets:
+        _fail("extra_secrets", f"<{len(extra)} secrets>", f"flavor {flavor} takes up to {max_secrets - 1} more")
+    result = [validate_secret(value, f"extra_secrets:{index}") for index, value in enumerate(extra)]
+    if len(set(result)) != len(result) or secret in result:
+        _fail("extra_secrets", "<hidden>", "every secret must differ from the others and from mtproxy:secret")
+    return result
+
+
+def _modes(settings: dict, flavor: str, allowed: tuple[str, ...], tls_domain: str) -> list[str]:
+    """The client protocols served: explicit, or padded plus fake-TLS when a domain is set."""
+    modes = settings.get("modes") or []
+    if not modes:
+        modes = [mode for mode in ("secure", "tls") if mode in allowed and (mode != "tls" or tls_domain)]
+        modes = modes or list(allowed)
+    if not isinstance(modes, list) or not all(isinstance(mode, str) for mode in modes):
+        _fail("modes", modes, f"use a list of {', '.join(MODES)}")
+    for mode in modes:
+        if mode not in allowed:
+            _fail("modes", modes, f"flavor {flavor} serves {', '.join(allowed)}")
+    if "tls" in modes and not tls_domain:
+        _fail("tls_domain", tls_domain, "mode tls (fake-TLS) needs a domain such as www.example.com")
+    return [mode for mode in MODES if mode in modes]
 
 
 def _address(settings: dict, key: str) -> str:
@@ -386,27 +480,43 @@ def settings() -> dict:
     return rendered
 
 
-def build_links(host: str, port: int, secret: str, tls_domain: str = "") -> list[dict]:
-    """Client links for one secret: the padded (``dd``) form, and fake-TLS (``ee``) when a domain is set."""
-    forms = [("secure", "dd" + secret)]
-    if tls_domain:
-        forms.append(("fake-tls", "ee" + secret + tls_domain.encode().hex()))
+def build_links(host: str, port: int, secrets: str | list[str], modes: list[str], tls_domain: str = "") -> list[dict]:
+    """
+    Client links: one per secret and mode, ``classic`` (the bare secret),
+    ``secure`` (``dd``: random padding) and ``tls`` (``ee``: fake-TLS, the
+    secret followed by the domain in hex).
+    """
+    prefixes = {"classic": "", "secure": "dd", "tls": "ee"}
     links = []
-    for mode, client_secret in forms:
-        query = urllib.parse.urlencode({"server": host, "port": port, "secret": client_secret})
-        links.append({"mode": mode, "tg": f"tg://proxy?{query}", "https": f"https://t.me/proxy?{query}"})
+    for index, secret in enumerate([secrets] if isinstance(secrets, str) else secrets):
+        for mode in modes:
+            client_secret = prefixes[mode] + secret + (tls_domain.encode().hex() if mode == "tls" else "")
+            query = urllib.parse.urlencode({"server": host, "port": port, "secret": client_secret})
+            links.append(
+                {
+                    "secret": index,
+                    "mode": mode,
+                    "tg": f"tg://proxy?{query}",
+                    "https": f"https://t.me/proxy?{query}",
+                }
+            )
     return links
 
 
-def mask(text: str, secret: str) -> str:
-    """Hide the secret in ``text``, keeping its first 4 characters as a hint."""
-    return text.replace(secret, secret[:4] + "…" + "*" * 8) if secret else text
+def mask(text: str, secrets: str | list[str]) -> str:
+    """Hide the secrets in ``text``, keeping the first 4 characters of each as a hint."""
+    for secret in [secrets] if isinstance(secrets, str) else secrets:
+        if secret:
+            text = text.replace(secret, secret[:4] + "…" + "*" * 8)
+    return text
 
 
 def links(masked: bool = False) -> list[dict]:
     """
     The links clients use to connect, for the cell's public host and
-    frontend port (``tg://`` and ``https://t.me``).
+    frontend port (``tg://`` and ``https://t.me``): one per secret and mode
+    (``secret`` is the secret's index: 0 is ``mtproxy:secret``, then
+    ``mtproxy:extra_secrets``).
 
     masked
         Hide the secret (for logs and state output).
@@ -418,11 +528,13 @@ def links(masked: bool = False) -> list[dict]:
         salt '*' mtproxy.links
     """
     cell = settings()
-    result = build_links(cell["public_host"], cell["haproxy"]["frontend_port"], cell["secret"], cell["tls_domain"])
+    result = build_links(
+        cell["public_host"], cell["haproxy"]["frontend_port"], cell["secrets"], cell["modes"], cell["tls_domain"]
+    )
     if masked:
         for link in result:
             for key in ("tg", "https"):
-                link[key] = mask(link[key], cell["secret"])
+                link[key] = mask(link[key], cell["secrets"])
     return result
 
 
@@ -492,8 +604,10 @@ def status() -> dict:
 
 def _return_path(cell: dict) -> dict:
     """The return path of ``cell`` (resolved settings): rules present, the watchdog's last repair."""
+    if cell["client_ip"] != "tproxy":
+        return {"ok": None, "used": False, "client_ip": cell["client_ip"]}
     tproxy = cell["tproxy"]
-    report: dict[str, Any] = {"ok": None, "missing": [], "stale": []}
+    report: dict[str, Any] = {"ok": None, "used": True, "missing": [], "stale": []}
     try:
         if "tproxy.check" not in __salt__:
             raise CommandExecutionError("the tproxy module is not available (pyroute2 missing?)")

@@ -6,13 +6,13 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 {%- set links = salt['mtproxy.build_links'](mtproxy.public_host, mtproxy.haproxy.frontend_port,
-                                             mtproxy.secret, mtproxy.tls_domain) %}
+                                             mtproxy.secrets, mtproxy.modes, mtproxy.tls_domain) %}
 
 Clients connect through {{ mtproxy.public_host }}:{{ mtproxy.haproxy.frontend_port }}:
   test.show_notification:
     - text: |
 {%- for link in links %}
-        {{ link.mode }}: {{ salt['mtproxy.mask'](link.tg, mtproxy.secret) }}
+        secret {{ link.secret }}, {{ link.mode }}: {{ salt['mtproxy.mask'](link.tg, mtproxy.secrets) }}
 {%- endfor %}
         Full links (they contain the secret): salt-call mtproxy.links
         Stats: http://{{ mtproxy.haproxy.stats_bind }}:{{ mtproxy.haproxy.stats_port }}/stats

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 # vim: ft=sls
-# MTProxy replicas mtproxy_1..N on the host network, one port each.
+# MTProxy replicas mtproxy_1..N on the host network, one port each. How each
+# runs depends on mtproxy:flavor (_modules/mtproxy_flavor.py).
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 
@@ -8,12 +9,12 @@ include:
   - .host
 
 {%- for replica in mtproxy.replica_list %}
+{%-   set spec = salt['mtproxy_flavor.replica'](mtproxy, replica) %}
 
 Replica {{ replica.name }} has its config:
   file.managed:
-    - name: {{ replica.config_dir }}/config.py
-    - source: salt://{{ tplroot }}/templates/mtprotoproxy.py.jinja
-    - template: jinja
+    - name: {{ spec.config_file }}
+    - contents: {{ spec.config | json }}
     - makedirs: true
     - dir_mode: '0700'
     - mode: '0600'
@@ -21,12 +22,6 @@ Replica {{ replica.name }} has its config:
     - group: root
     # The file holds the secret: never print it.
     - show_changes: false
-    - context:
-        port: {{ replica.port }}
-        secret: {{ mtproxy.secret }}
-        tls_domain: {{ mtproxy.tls_domain | json }}
-        listen_address: {{ mtproxy.backend_address }}
-        handshake_timeout: {{ mtproxy.handshake_timeout }}
 
 # A change that replaces the container (image, options) drains it first and
 # waits until it is UP again: one replica at a time, never all capacity.
@@ -49,23 +44,31 @@ Replica {{ replica.name }} is drained before it is replaced:
 Replica {{ replica.name }} is running on port {{ replica.port }}:
   docker_container.running:
     - name: {{ replica.name }}
-    - image: {{ mtproxy.image }}
+    - image: {{ spec.image }}
     - network_mode: host
     # Without an init, mtprotoproxy ignores SIGTERM: every stop took 10 s.
     - init: true
     - restart_policy: always
-    - command: {{ mtproxy.replica_config_mount }}/config.py
-    - binds:
-      - {{ replica.config_dir }}:{{ mtproxy.replica_config_mount }}:ro
-    - environment: {{ mtproxy.replica_environment | json }}
-    - labels:
-      - mtproxy-formula.role=replica
-    # mtprotoproxy re-reads its config on SIGUSR2: no restart, no drop.
-    - watch_action: SIGUSR2
+{%-   if spec.entrypoint %}
+    - entrypoint: {{ spec.entrypoint | json }}
+{%-   endif %}
+    - command: {{ spec.command | json }}
+    - binds: {{ spec.binds | json }}
+    - environment: {{ spec.environment | json }}
+    # Flavors that cannot reload carry their config's digest here: a config
+    # change replaces the container, drained first like an image change.
+    - labels: {{ spec.labels | json }}
+{%-   if spec.reload_signal %}
+    # The replica re-reads its config on this signal: no restart, no drop.
+    - watch_action: {{ spec.reload_signal }}
     - watch:
       - file: Replica {{ replica.name }} has its config
+{%-   endif %}
     - require:
+      - file: Replica {{ replica.name }} has its config
+{%-   if mtproxy.client_ip == 'tproxy' %}
       - tproxy: Replica replies are routed back to HAProxy
+{%-   endif %}
 
 # A crash-looping container can look running at the instant Docker is asked.
 Replica {{ replica.name }} accepts connections on port {{ replica.port }}:

@@ -102,6 +102,31 @@ def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stub
         ({"haproxy__health_check__profile": "turbo"}, "mtproxy:haproxy:health_check:profile", "fast, original"),
         ({"haproxy__splice": "yes"}, "mtproxy:haproxy:splice", "true or false"),
         ({"haproxy__redispatch": 1}, "mtproxy:haproxy:redispatch", "true or false"),
+        ({"flavor": "tdlib"}, "mtproxy:flavor", "mtprotoproxy, official, mtg"),
+        ({"client_ip": "xff"}, "mtproxy:client_ip", "tproxy, proxy_protocol"),
+        ({"flavor": "official", "client_ip": "proxy_protocol"}, "mtproxy:client_ip", "does not accept the PROXY"),
+        ({"flavor": "official", "base_port": 60000}, "mtproxy:base_port", "port+10000"),
+        ({"flavor": "mtg"}, "mtproxy:tls_domain", "needs a domain"),
+        ({"flavor": "mtg", "tls_domain": "a.example.com", "modes": ["secure"]}, "mtproxy:modes", "serves tls"),
+        ({"flavor": "official", "modes": ["tls"], "tls_domain": "a.example.com"}, "mtproxy:modes", "classic, secure"),
+        ({"modes": ["tls"]}, "mtproxy:tls_domain", "needs a domain"),
+        ({"modes": "secure"}, "mtproxy:modes", "use a list of classic, secure, tls"),
+        ({"modes": ["fast"]}, "mtproxy:modes", "serves classic, secure, tls"),
+        ({"extra_secrets": ["abc"]}, "mtproxy:extra_secrets:0", "32 hex characters"),
+        ({"extra_secrets": "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"}, "mtproxy:extra_secrets", "a list of secrets"),
+        ({"secret": SECRET, "extra_secrets": [SECRET]}, "mtproxy:extra_secrets", "must differ"),
+        ({"extra_secrets": [f"{i:02x}" * 16 for i in range(17, 33)]}, "mtproxy:extra_secrets", "up to 15 more"),
+        (
+            {"flavor": "mtg", "tls_domain": "a.example.com", "extra_secrets": ["7a" * 16]},
+            "mtproxy:extra_secrets",
+            "one secret per instance",
+        ),
+        ({"ad_tag": "123"}, "mtproxy:ad_tag", "@MTProxybot"),
+        (
+            {"flavor": "mtg", "tls_domain": "a.example.com", "ad_tag": "3c09c680b76ee91a4c25ad51f742267d"},
+            "mtproxy:ad_tag",
+            "no ad tag",
+        ),
         ({"boot__watch_interval": 0}, "mtproxy:boot:watch_interval", "from 1 to 3600"),
         ({"boot__watch_interval": "often"}, "mtproxy:boot:watch_interval", "from 1 to 3600"),
     ],
@@ -125,12 +150,9 @@ def test_public_stats_with_credentials_is_accepted():
     assert cell["haproxy"]["stats_auth"] == "ops:correct-horse"
 
 
-def test_links_cover_the_padded_and_fake_tls_forms():
-    links = mtproxy.build_links("203.0.113.10", 8443, SECRET, "www.example.com")
-    assert [link["mode"] for link in links] == ["secure", "fake-tls"]
-    assert links[0]["tg"] == f"tg://proxy?server=203.0.113.10&port=8443&secret=dd{SECRET}"
-    assert links[1]["https"].endswith("secret=ee" + SECRET + b"www.example.com".hex())
-    assert SECRET not in mtproxy.mask(links[0]["tg"], SECRET)
+def test_default_modes_are_padded_plus_fake_tls_when_a_domain_is_set():
+    assert mtproxy.resolve(settings())["modes"] == ["secure"]
+    assert mtproxy.resolve(settings(tls_domain="www.example.com"))["modes"] == ["secure", "tls"]
 
 
 ANY_VALUE = st.one_of(
@@ -143,6 +165,11 @@ ANY_VALUE = st.one_of(
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
 KEYS = [
+    "flavor",
+    "client_ip",
+    "extra_secrets",
+    "modes",
+    "ad_tag",
     "replicas",
     "max_replicas",
     "base_port",
