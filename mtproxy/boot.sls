@@ -4,6 +4,7 @@
 # unit, ordered before docker.service (so before any container), runs the
 # tproxy module as a script with the same arguments as the tproxy.present
 # states. Enabled only where systemd is PID 1 (/run/systemd/system exists).
+# Not needed with client_ip: proxy_protocol (removed then).
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 {%- set boot = mtproxy.boot %}
@@ -14,6 +15,11 @@
 {%- set spec = {'name': 'mtproxy', 'ports': mtproxy.ports, 'method': mtproxy.tproxy.method,
                 'mark': mtproxy.tproxy.mark, 'table': mtproxy.tproxy.table,
                 'family': mtproxy.tproxy.family} %}
+{%- if mtproxy.client_ip != 'tproxy' %}
+
+include:
+  - .return_path.clean
+{%- else %}
 
 Return-path boot settings are in place:
   file.managed:
@@ -66,4 +72,5 @@ Return-path boot unit is enabled:
     - name: {{ boot.unit_name }}
     - require:
       - file: Return-path boot unit is in place
+{%- endif %}
 {%- endif %}

@@ -10,6 +10,9 @@
 {%- set replicas = (salt['mtproxy.existing_replicas']() + mtproxy.replica_list | map(attribute='name') | list)
                    | unique %}
 
+include:
+  - .return_path.clean
+
 HAProxy container is removed:
   docker_container.absent:
     - name: {{ mtproxy.haproxy.container }}
@@ -23,44 +26,10 @@ Replica {{ name }} is removed:
     - force: true
     - require:
       - docker_container: HAProxy container is removed
-{%- endfor %}
-
-{%- if mtproxy.boot.enable and salt['file.directory_exists']('/run/systemd/system') %}
-
-Return-path watchdog is stopped:
-  service.dead:
-    - name: {{ mtproxy.boot.watchdog_unit_name }}
-    - enable: false
+    # Its clients keep their return path until it is gone.
     - require_in:
       - tproxy: Return-path rules and routes are removed
-      - file: Return-path watchdog unit is removed
-{%- endif %}
-
-Return-path watchdog unit is removed:
-  file.absent:
-    - name: {{ mtproxy.boot.unit_dir }}/{{ mtproxy.boot.watchdog_unit_name }}
-
-Return-path rules and routes are removed:
-  tproxy.absent:
-    - name: mtproxy
-    - table: {{ mtproxy.tproxy.table }}
-    - require:
-{%- for name in replicas %}
-      - docker_container: Replica {{ name }} is removed
 {%- endfor %}
-
-{%- if mtproxy.boot.enable and salt['file.directory_exists']('/run/systemd/system') %}
-
-Return-path boot unit is disabled:
-  service.disabled:
-    - name: {{ mtproxy.boot.unit_name }}
-    - require_in:
-      - file: Return-path boot unit is removed
-{%- endif %}
-
-Return-path boot unit is removed:
-  file.absent:
-    - name: {{ mtproxy.boot.unit_dir }}/{{ mtproxy.boot.unit_name }}
 
 {%- for folder in (mtproxy.config_dir, mtproxy.run_dir, mtproxy.sysctl_config) %}
 

@@ -116,6 +116,8 @@ Config of extra replica {{ name }} is removed:
       - docker_container: Extra replica {{ name }} is removed
 {%- endfor %}
 
+{%- if mtproxy.client_ip == 'tproxy' %}
+
 Return path covers exactly the replica ports:
   tproxy.present:
     - name: mtproxy
@@ -129,3 +131,4 @@ Return path covers exactly the replica ports:
 {%- for name in existing if name not in wanted %}
       - docker_container: Extra replica {{ name }} is removed
 {%- endfor %}
+{%- endif %}

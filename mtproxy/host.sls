@@ -2,6 +2,8 @@
 # vim: ft=sls
 # Host preparation for transparent proxying: sysctls, and the policy routing
 # that brings the replicas' replies back to HAProxy (DESIGN.md section 2).
+# With client_ip: proxy_protocol none of it is needed: whatever an earlier
+# transparent-mode apply left is removed.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 {%- set existing = salt['mtproxy.existing_replicas']() %}
@@ -15,6 +17,7 @@
 
 include:
   - .boot
+{%- if mtproxy.client_ip == 'tproxy' %}
 
 {%- for key, value in mtproxy.sysctls | dictsort %}
 
@@ -37,3 +40,4 @@ Replica replies are routed back to HAProxy:
     # it first, so the watchdog never puts back what this state removes.
     - require:
       - file: Return-path boot settings are in place
+{%- endif %}

@@ -16,6 +16,7 @@
 
 include:
   - .boot
+{%- if mtproxy.client_ip == 'tproxy' %}
 
 Return-path watchdog unit is in place:
   file.managed:
@@ -51,4 +52,5 @@ Return-path watchdog is running:
     - watch:
       - file: Return-path watchdog unit is in place
       - file: Return-path boot script is in place
+{%- endif %}
 {%- endif %}

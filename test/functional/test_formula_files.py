@@ -46,6 +46,47 @@ def test_formula_renders_with_pillar_example(netns_host):
             assert {"HAProxy container is removed", "Return-path rules and routes are removed"} <= ids
 
 
+def state_args(rendered: dict, state_id: str) -> dict:
+    """The arguments of one state in ``state.show_sls`` output."""
+    for key, value in rendered[state_id].items():
+        if not key.startswith("__"):
+            return {k: v for item in value if isinstance(item, dict) for k, v in item.items()}
+    raise AssertionError(f"{state_id} has no state function")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("flavor", "client_ip", "image", "entrypoint", "command"),
+    [
+        ("mtprotoproxy", "tproxy", "mtproxy-formula/mtprotoproxy:local", None, "/etc/mtprotoproxy/config.py"),
+        ("mtprotoproxy", "proxy_protocol", "mtproxy-formula/mtprotoproxy:local", None, "/etc/mtprotoproxy/config.py"),
+        ("official", "tproxy", "telegrammessenger/proxy:latest", "/bin/sh", "/etc/mtproxy-formula/run.sh"),
+        ("mtg", "tproxy", "nineseconds/mtg:2", "/mtg", "run /etc/mtg/mtg.toml"),
+        ("mtg", "proxy_protocol", "nineseconds/mtg:2", "/mtg", "run /etc/mtg/mtg.toml"),
+    ],
+)
+def test_every_flavor_and_client_ip_mode_renders(netns_host, flavor, client_ip, image, entrypoint, command):
+    """The whole formula as Salt renders it: each flavor's container spec, and
+    kernel rules declared only in transparent mode."""
+    mtproxy = {"flavor": flavor, "client_ip": client_ip, "tls_domain": "www.example.com"}
+    mtproxy |= {"secret": "6c2f9a41d0b83e57a4c19f0e2d7b6a35", "backend_address": "198.18.0.1"}
+    netns_host.salt_call("saltutil.sync_all")
+    rendered = netns_host.salt_call("state.show_sls", "mtproxy", pillar={"mtproxy": mtproxy})
+    assert isinstance(rendered, dict), f"did not render: {rendered}"
+    replica = state_args(rendered, "Replica mtproxy_1 is running on port 4431")
+    assert replica["image"] == image and replica["command"] == command
+    assert replica.get("entrypoint") == entrypoint
+    assert f"mtproxy-formula.flavor={flavor}" in replica["labels"]
+    assert ("watch_action" in replica) == (flavor == "mtprotoproxy")
+    config = state_args(rendered, "Replica mtproxy_1 has its config")
+    assert config["mode"] == "0600" and config["show_changes"] is False
+    transparent = client_ip == "tproxy"
+    assert ("Replica replies are routed back to HAProxy" in rendered) == transparent
+    assert ("Return path covers exactly the replica ports" in rendered) == transparent
+    assert ("Return-path boot unit is in place" in rendered) == transparent
+    assert ("Return-path rules and routes are removed" in rendered) == (not transparent)
+
+
 def test_kitchen_yml_names_only_files_that_exist():
     kitchen = yaml.safe_load((REPO / "kitchen.yml").read_text())
     assert kitchen["provisioner"]["name"] == "salt_solo"

@@ -1,0 +1,126 @@
+"""client_ip: proxy_protocol end to end: a transparent-mode cell switched to
+the PROXY protocol loses every kernel rule of ours, yet its mtprotoproxy
+replicas still learn the client namespace's address, now from HAProxy's PROXY
+v2 header; HAProxy's health checks carry the header too, so no replica takes
+them for bad clients.
+
+How a replica's view of the client is observed: mtprotoproxy logs no
+connection, but it logs a replayed handshake with the client's address
+(``Active fingerprinting detected from <address>``). The test sends one valid
+handshake for the cell's secret several times from the client namespace."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cell import (
+    BASE_PORT,
+    FRONTEND_PORT,
+    apply,
+    assert_cell_serves,
+    cell_pillar,
+    changed,
+    failed,
+    ip_rules,
+    mangle_output,
+    replica_names,
+    wait_servers_up,
+)
+
+pytestmark = pytest.mark.integration
+
+SECRET = "6c2f9a41d0b83e57a4c19f0e2d7b6a35"
+DETECTED = re.compile(r"Active fingerprinting detected from (\S+?),")
+
+SEND_REPEATED = """
+import socket, sys, time
+sys.path.insert(0, sys.argv[4])
+from mtproto import handshake
+first = handshake(sys.argv[3])
+for _ in range(int(sys.argv[5])):
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as conn:
+        conn.sendall(first)
+        time.sleep(0.3)
+"""
+
+
+def send_replayed_handshake(host, port: int, times: int, client: bool = True) -> None:
+    """The same valid handshake ``times`` times to ``host.address:port`` (from the client namespace)."""
+    test_dir = str(Path(__file__).resolve().parents[1])
+    runner = host.client_run if client else host.run
+    runner([sys.executable, "-c", SEND_REPEATED, host.address, str(port), SECRET, test_dir, str(times)], timeout=60)
+
+
+def replica_logs(host, since: float = 0) -> str:
+    """What the replicas printed (since the Unix time ``since``)."""
+    logs = (host.docker("logs", "--since", f"{since:.3f}", name) for name in replica_names(2))
+    return "".join(proc.stdout + proc.stderr for proc in logs)
+
+
+def our_rules(host) -> list[str]:
+    rules = [line for line in ip_rules(host).splitlines() if "proto 201" in line or "lookup 100" in line]
+    rules += [line for line in mangle_output(host).splitlines() if "mtproxy" in line]
+    rules += host.run(["ip", "route", "show", "table", "100"]).stdout.splitlines()
+    return rules
+
+
+@pytest.fixture(scope="module")
+def switched(testhost):
+    """A transparent cell first (rules in place), then the same cell on the PROXY protocol."""
+    tproxy_pillar = cell_pillar(testhost, secret=SECRET)
+    assert not failed(apply(testhost, tproxy_pillar))
+    assert_cell_serves(testhost, tproxy_pillar, 2)
+    rules_before = our_rules(testhost)
+    pillar = cell_pillar(testhost, secret=SECRET, client_ip="proxy_protocol")
+    result = apply(testhost, pillar)
+    # Between the replicas' reload and HAProxy's, checks still come without
+    # the header (README: switching modes interrupts new connections briefly).
+    return testhost, pillar, result, rules_before, time.time()
+
+
+def test_switching_to_proxy_protocol_removes_every_kernel_rule(switched):
+    host, _, result, rules_before, _ = switched
+    assert not failed(result)
+    assert rules_before, "the transparent cell had no rules to remove: the test proves nothing"
+    assert our_rules(host) == []
+    assert "Return-path rules and routes are removed" in changed(result)
+    assert not (host.workdir / "systemd" / "mtproxy-return-path.service").exists()
+    assert not (host.workdir / "systemd" / "mtproxy-return-path-watchdog.service").exists()
+
+
+def test_replicas_learn_the_client_address_from_the_header(switched):
+    host, pillar, _, _, _ = switched
+    wait_servers_up(host, pillar, replica_names(2))
+    send_replayed_handshake(host, FRONTEND_PORT, times=8)
+    deadline = time.monotonic() + 10
+    while not DETECTED.findall(replica_logs(host)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = set(DETECTED.findall(replica_logs(host)))
+    # The TCP peer of every replica connection is HAProxy on the host's own
+    # address; only the PROXY header carries the client namespace's one.
+    assert seen == {host.client_address}, seen
+
+
+def test_health_checks_are_not_bad_clients_but_bare_connections_are(switched):
+    host, _, _, _, switched_at = switched
+    time.sleep(3)  # a few check rounds (inter 1s) since the switch
+    assert "sent bad proxy protocol headers" not in replica_logs(host, since=switched_at)
+    # Control: a connection without the header, straight to a replica, is one.
+    send_replayed_handshake(host, BASE_PORT, times=1, client=False)
+    deadline = time.monotonic() + 10
+    while "sent bad proxy protocol headers" not in replica_logs(host) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert f"Client from {host.address} sent bad proxy protocol headers" in replica_logs(host)
+
+
+def test_status_and_a_second_apply(switched):
+    host, pillar, _, _, _ = switched
+    assert changed(apply(host, pillar)) == {}
+    host.write_pillar(pillar)
+    status = host.salt_call("mtproxy.status")
+    assert status["return_path"] == {"ok": None, "used": False, "client_ip": "proxy_protocol"}
+    assert {r["haproxy"] for r in status["replicas"]} == {"UP"}
