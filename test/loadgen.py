@@ -26,11 +26,56 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import resource
 import signal
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+
+class ClientUsage:
+    """What this client process itself used since it was made: a saturated client
+    (one core busy, schedule slipping) must not be mistaken for a slow server."""
+
+    def __init__(self) -> None:
+        self.wall0 = time.monotonic()
+        self.cpu0 = self._cpu()
+        self.lag_max = 0.0
+
+    @staticmethod
+    def _cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def late(self, seconds: float) -> None:
+        """Note how late a scheduled action started."""
+        self.lag_max = max(self.lag_max, seconds)
+
+    def report(self) -> dict:
+        wall = time.monotonic() - self.wall0
+        cpu = self._cpu() - self.cpu0
+        return {
+            "pid": os.getpid(),
+            "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3),
+            # Of one core: a single asyncio loop cannot use more than 100.
+            "cpu_percent": round(100 * cpu / wall, 1) if wall else 0.0,
+            "schedule_lag_max_s": round(self.lag_max, 4),
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        }
+
+
+def raise_nofile(wanted: int) -> int:
+    """Raise this process's open-files limit towards ``wanted``, up to the hard
+    limit (raising that needs CAP_SYS_RESOURCE, which a sandbox may not give
+    even to root); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 @dataclass
@@ -42,6 +87,7 @@ class Stats:
     banners: Counter = field(default_factory=Counter)
     max_latency: float = 0.0
     failed_started: list = field(default_factory=list)
+    failed_at: list = field(default_factory=list)
 
 
 class LoadGen:
@@ -68,6 +114,7 @@ class LoadGen:
         self.stop = asyncio.Event()
         self.started = 0.0
         self.elapsed = 0.0
+        self.usage = ClientUsage()
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str | None]:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
@@ -123,6 +170,7 @@ class LoadGen:
             self.new.failed += 1
             self.new.errors[self._reason(exc)] += 1
             self.new.failed_started.append(round(started_at, 3))
+            self.new.failed_at.append(round(time.time(), 3))
         finally:
             if writer is not None:
                 writer.close()
@@ -183,6 +231,7 @@ class LoadGen:
                     await asyncio.wait_for(self.stop.wait(), 0.5)
                 continue
             if now >= next_at:
+                self.usage.late(now - next_at)
                 self.new.attempted += 1
                 task = asyncio.create_task(self._one_new())
                 new_tasks.add(task)
@@ -212,10 +261,12 @@ class LoadGen:
 
         ``new``: attempted, ok, failed, errors (reason: count), banners
         (server name: count), rate (attempted per second achieved),
-        max_latency, failed_started (wall-clock start of each failed one).
+        max_latency, failed_started (wall-clock start of each failed one),
+        failed_at (wall-clock time each of them failed, same order).
         ``long``: opened, failed (while opening or later), survived (still
         exchanging at the end: a last exchange is made at the stop),
-        exchanges, errors, banners.
+        exchanges, errors, banners. ``client``: this process's own usage
+        (see :class:`ClientUsage`).
         """
         return {
             "target": f"{self.host}:{self.port}",
@@ -229,6 +280,7 @@ class LoadGen:
                 "rate": round(self.new.attempted / self.elapsed, 2) if self.elapsed else 0.0,
                 "max_latency": round(self.new.max_latency, 4),
                 "failed_started": self.new.failed_started,
+                "failed_at": self.new.failed_at,
             },
             "long": {
                 "wanted": self.long,
@@ -239,6 +291,7 @@ class LoadGen:
                 "errors": dict(self.long_stats.errors),
                 "banners": dict(self.long_stats.banners),
             },
+            "client": self.usage.report(),
         }
 
 
@@ -262,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     host, _, port = args.target.rpartition(":")
+    raise_nofile(args.long + 1024)
 
     async def go() -> dict:
         gen = LoadGen(

@@ -137,6 +137,8 @@ class TestHost:
     owner_pid: int = field(default_factory=os.getpid)
     dockerd_pid: int | None = None
     containerd_pids: list[int] = field(default_factory=list)
+    # Salt's file root (the formula to deploy); None: this checkout.
+    formula_root: str | None = None
 
     # -- names and addresses ------------------------------------------------
     @property
@@ -246,7 +248,7 @@ class TestHost:
     def minion_config(self, **overrides) -> Path:
         """Write a masterless minion config for this host; return its folder.
 
-        The repository is the file root (so ``salt://mtproxy`` is the formula),
+        The repository (or :attr:`formula_root`) is the file root (so ``salt://mtproxy`` is the formula),
         pillar comes from ``salt/pillar`` below the host's workdir, and the
         Docker modules talk to this host's dockerd.
         """
@@ -267,7 +269,7 @@ class TestHost:
             "pidfile": "/minion.pid",
             "log_file": "/minion.log",
             "log_level_logfile": "debug",
-            "file_roots": {"base": [str(REPO)]},
+            "file_roots": {"base": [self.formula_root or str(REPO)]},
             "pillar_roots": {"base": [str(pillar_dir)]},
             "docker.url": self.docker_host,
         }
