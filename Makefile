@@ -7,6 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 IMAGES := haproxy mtprotoproxy
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help host-setup venv images setup lint test demo demo-down bench clean
 
@@ -14,7 +15,7 @@ help:
 	@echo "make demo       deploy a 2-replica cell into a local test host and print how to connect"
 	@echo "make demo-down  tear the demo cell down"
 	@echo "make test       lint and run the whole test suite (installs what it needs)"
-	@echo "make bench      run the benchmarks, write bench/results.md"
+	@echo "make bench      run the benchmarks (about 12 min), write bench/results.md and bench/results.png"
 	@echo "make clean      remove .venv, built images and any test host left behind"
 
 host-setup:
@@ -51,8 +52,9 @@ demo: setup
 demo-down:
 	$(PYTHON) scripts/demo.py down
 
+# BENCH_ARGS: e.g. --quick, --only failover, --formula-ref HEAD (see bench/run.py).
 bench: setup
-	$(VPY) bench/run.py
+	$(VPY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	-$(PYTHON) test/testhost.py sweep

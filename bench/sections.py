@@ -1,0 +1,607 @@
+"""The five benchmark sections, each run against a cell deployed by the formula
+into one test host. Each returns a JSON-able dict: raw runs plus summaries
+(median and min-max over repetitions) and ratios against a baseline measured
+in the same run. bench/report.py turns them into results.md and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cell import BASE_PORT, FRONTEND_PORT, apply, cell_pillar, changed, replica_names, servers, wait_servers_up
+from testhost import TestHost
+
+from bench.stats import ratio, summary
+
+BENCH = Path(__file__).resolve().parent
+NETLOAD = BENCH / "netload.py"
+LOADGEN = BENCH.parent / "test" / "loadgen.py"
+BACKEND_IMAGE = "mtproxy-formula/bench-backend:local"
+# bench/backend.py also listens here: outside the return-path rules, so a
+# client reaches it directly (the data path's baseline).
+DIRECT_OFFSET = 1000
+# With splice HAProxy also keeps maxconn/4 pipes (two descriptors each): at the
+# default maxconn 8000 it needs 20057 descriptors and refuses to start under a
+# 20000 limit (this machine's). Both variants get the same lower maxconn.
+DATAPATH_MAXCONN = 7500
+# Sections 3 and 4: the zero-drop tests' load (test/integration/test_zero_drop.py).
+RATE, LONG, HOLD = 20, 40, 4.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Plan:
+    """How much of everything: ``full`` for `make bench`, ``quick`` for development."""
+
+    reps: int = 3
+    rate_seconds: float = 3.0
+    concurrency: int = 32
+    latency_rate: float = 200.0
+    latency_seconds: float = 3.0
+    bulk_bytes: int = 2**30
+    held: int = 10_000
+    hold_rate: float = 2000.0
+    probe_rate: float = 50.0
+    probe_seconds: float = 5.0
+    kills: int = 5
+    reloads: int = 10
+    quiet_seconds: float = 10.0
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            reps=1,
+            rate_seconds=2.0,
+            latency_seconds=2.0,
+            bulk_bytes=2**28,
+            held=2000,
+            probe_seconds=3.0,
+            kills=2,
+            reloads=3,
+            quiet_seconds=4.0,
+        )
+
+
+# -- processes of a container, from /proc (root PID namespace) --------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the given processes (all their threads)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total
+
+
+class Cell:
+    """One test host and the cell the formula deploys in it."""
+
+    def __init__(self, host: TestHost, plan: Plan, secret: str, log: Callable[[str], None]):
+        self.host, self.plan, self.secret, self.log = host, plan, secret, log
+        self.frontend = f"{host.address}:{FRONTEND_PORT}"
+
+    def pillar(self, **overrides) -> dict:
+        # Real mtprotoproxy replicas keep silent clients for the handshake timeout.
+        return cell_pillar(self.host, secret=self.secret, handshake_timeout=3600, drain_timeout=5, **overrides)
+
+    def deploy(self, pillar: dict) -> float:
+        """Apply ``pillar`` and wait until every replica is UP; the apply's wall time."""
+        start = time.monotonic()
+        apply(self.host, pillar)
+        took = time.monotonic() - start
+        wait_servers_up(self.host, pillar, replica_names(pillar["mtproxy"].get("replicas", 2)))
+        return took
+
+    def container_pid(self, name: str) -> int:
+        return int(self.host.docker("inspect", "--format", "{{.State.Pid}}", name).stdout)
+
+    def haproxy_pids(self) -> list[int]:
+        return descendants(self.container_pid("mtproxy_haproxy"))
+
+    def client_cmd(self, script: Path, *args: str) -> list[str]:
+        return [*self.host.nsenter(client=True), sys.executable, str(script), *args]
+
+    def netload(self, mode: str, target: str, *args: str, timeout: float = 120) -> dict:
+        proc = self.host.client_run([sys.executable, str(NETLOAD), mode, target, *args], timeout=timeout)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def tune_namespaces(self) -> None:
+        """Many short connections leave TIME_WAIT sockets; in our own namespaces
+        only, widen the ephemeral port range and let connect() reuse them."""
+        for run in (self.host.run, self.host.client_run):
+            run(["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000", "net.ipv4.tcp_tw_reuse=1"])
+
+
+class Load:
+    """test/loadgen.py in the client namespace (connect-only, as the zero-drop tests run it) until :meth:`stop`."""
+
+    def __init__(self, cell: Cell, rate: float = RATE, long: int = LONG):
+        args = ["--rate", str(rate), "--long", str(long), "--no-echo", "--hold", str(HOLD), "--timeout", "5"]
+        self.proc = subprocess.Popen(
+            cell.client_cmd(LOADGEN, cell.frontend, *args, "--duration", "0"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if long:
+            line = self.proc.stderr.readline()
+            if '"ready"' not in line:
+                self.proc.kill()
+                raise RuntimeError(f"loadgen did not get ready: {line!r}")
+
+    def stop(self) -> dict:
+        """Stop it (after the last new connections had time to fail) and return its report."""
+        time.sleep(HOLD + 0.5)
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=60)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"loadgen exited {self.proc.returncode}: {err[-2000:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def load_summary(report: dict) -> dict:
+    """What sections 3 and 4 keep of a loadgen report."""
+    new, long = report["new"], report["long"]
+    return {
+        "new_attempted": new["attempted"],
+        "new_failed": new["failed"],
+        "new_errors": new["errors"],
+        "new_rate": new["rate"],
+        "long_opened": long["opened"],
+        "long_survived": long["survived"],
+        "client": report.get("client", {}),
+    }
+
+
+# -- 1. data path -------------------------------------------------------------------
+
+
+def make_backend_image(host: TestHost) -> None:
+    """The mtprotoproxy image with bench/backend.py as entry point (no builder needed)."""
+    if host.docker("image", "inspect", BACKEND_IMAGE, check=False).returncode == 0:
+        return
+    image = "mtproxy-formula/mtprotoproxy:local"
+    host.docker("create", "--name", "bench-backend-build", image)
+    try:
+        host.docker("cp", str(BENCH / "backend.py"), "bench-backend-build:/usr/local/bin/bench-backend.py")
+        entry = '["python3", "/usr/local/bin/bench-backend.py"]'
+        host.docker("commit", "--change", f"ENTRYPOINT {entry}", "bench-backend-build", BACKEND_IMAGE)
+    finally:
+        host.docker("rm", "-f", "bench-backend-build", check=False)
+
+
+def datapath(cell: Cell) -> dict:
+    plan = cell.plan
+    make_backend_image(cell.host)
+    cell.tune_namespaces()
+    targets = {"direct": f"{cell.host.address}:{BASE_PORT + DIRECT_OFFSET}", "cell": cell.frontend}
+    variants = {}
+    for variant, splice in (("no splice", False), ("splice", True)):
+        pillar = cell.pillar(image=BACKEND_IMAGE, haproxy={"splice": splice, "maxconn": DATAPATH_MAXCONN})
+        cell.deploy(pillar)
+        runs: dict[str, dict[str, list]] = {path: {"rate": [], "latency": [], "bulk": []} for path in targets}
+        # Direct and through the cell alternate: both see the same machine state.
+        for rep in range(plan.reps):
+            cell.log(f"data path: {variant}, repetition {rep + 1}/{plan.reps}")
+            for path, target in targets.items():
+                runs[path]["rate"].append(
+                    cell.netload(
+                        "rate",
+                        target,
+                        f"--duration={plan.rate_seconds}",
+                        f"--concurrency={plan.concurrency}",
+                    )
+                )
+            for path, target in targets.items():
+                runs[path]["latency"].append(
+                    cell.netload("latency", target, f"--rate={plan.latency_rate}", f"--duration={plan.latency_seconds}")
+                )
+            for path, target in targets.items():
+                pids = cell.haproxy_pids()
+                before = cpu_seconds(pids)
+                result = cell.netload("bulk", target, f"--bytes={plan.bulk_bytes}")
+                result["haproxy_cpu_s"] = round(cpu_seconds(pids) - before, 3)
+                runs[path]["bulk"].append(result)
+        variants[variant] = {"splice": splice, "runs": runs, **datapath_summary(runs)}
+    return {
+        "targets": targets,
+        "maxconn": DATAPATH_MAXCONN,
+        "variants": variants,
+        "verdict": splice_verdict(variants),
+    }
+
+
+def datapath_summary(runs: dict) -> dict:
+    """Per path (direct, cell): medians with spread; per metric: cell/direct
+    ratios of each repetition (paired), summarised."""
+    paths = {}
+    for path, kinds in runs.items():
+        gib = [b["bytes"] / 2**30 for b in kinds["bulk"]]
+        paths[path] = {
+            "conn_per_s": summary(r["per_s"] for r in kinds["rate"]),
+            "p50_ms": summary(r["latency_ms"]["p50"] for r in kinds["latency"]),
+            "p99_ms": summary(r["latency_ms"]["p99"] for r in kinds["latency"]),
+            "mib_per_s": summary(b["mib_per_s"] for b in kinds["bulk"]),
+            "haproxy_cpu_s_per_gib": summary(b["haproxy_cpu_s"] / g for b, g in zip(kinds["bulk"], gib, strict=True)),
+            "failed": sum(r["failed"] for r in kinds["rate"] + kinds["latency"])
+            + sum(not b["complete"] for b in kinds["bulk"]),
+            "client_cpu_percent_max": max(r["client"]["cpu_percent"] for k in kinds.values() for r in k),
+            "client_saturated_runs": sum(r["client"]["saturated"] for k in kinds.values() for r in k),
+            "latency_achieved_rate": summary(r["achieved_rate"] for r in kinds["latency"]),
+            "latency_schedule_lag_max_ms": max(r["client"]["schedule_lag_max_s"] for r in kinds["latency"]) * 1000,
+        }
+
+    def paired(kind: str, value: Callable[[dict], float]) -> dict:
+        return summary(
+            (
+                ratio(value(c), value(d), digits=4)
+                for c, d in zip(runs["cell"][kind], runs["direct"][kind], strict=True)
+            ),
+            digits=2,
+        )
+
+    ratios = {
+        "conn_per_s": paired("rate", lambda r: r["per_s"]),
+        "p50_ms": paired("latency", lambda r: r["latency_ms"]["p50"]),
+        "p99_ms": paired("latency", lambda r: r["latency_ms"]["p99"]),
+        "mib_per_s": paired("bulk", lambda r: r["mib_per_s"]),
+    }
+    return {"paths": paths, "ratios": ratios}
+
+
+def splice_verdict(variants: dict) -> dict:
+    """Splice wins when, against the same run's direct baseline, it moves bulk
+    data faster (+5 %) with less HAProxy CPU per GiB and costs no more than
+    10 % of the new-connection rate."""
+    plain, splice = variants["no splice"], variants["splice"]
+    throughput = ratio(splice["ratios"]["mib_per_s"]["median"], plain["ratios"]["mib_per_s"]["median"])
+    rate = ratio(splice["ratios"]["conn_per_s"]["median"], plain["ratios"]["conn_per_s"]["median"])
+    cpu = ratio(
+        splice["paths"]["cell"]["haproxy_cpu_s_per_gib"]["median"],
+        plain["paths"]["cell"]["haproxy_cpu_s_per_gib"]["median"],
+    )
+    wins = bool(throughput and throughput >= 1.05 and cpu is not None and cpu < 1 and rate and rate >= 0.9)
+    return {
+        "throughput_splice_vs_plain": throughput,
+        "rate_splice_vs_plain": rate,
+        "cpu_splice_vs_plain": cpu,
+        "splice_wins": wins,
+    }
+
+
+# -- 2. concurrency -----------------------------------------------------------------
+
+
+# Descriptors HAProxy keeps beside its connections: listeners, sockets, checks, logs.
+FD_RESERVE = 100
+
+
+def open_files_limit(pid: int) -> int:
+    """The soft open-files limit of a process (a container's: dockerd's)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise RuntimeError(f"no open-files limit for {pid}")
+
+
+def frontend_sessions(cell: Cell, pillar: dict) -> int:
+    from cell import show_stat
+
+    admin = pillar["mtproxy"]["run_dir"] + "/haproxy/admin.sock"
+    rows = show_stat(cell.host, admin)
+    return next(int(r["scur"]) for r in rows if r["pxname"] == "mtproxy" and r["svname"] == "FRONTEND")
+
+
+def concurrency(cell: Cell) -> dict:
+    plan = cell.plan
+    cell.tune_namespaces()
+    # HAProxy takes two descriptors per connection and refuses a maxconn its
+    # open-files limit (dockerd's, inherited) cannot hold: fit both to it.
+    limit = open_files_limit(cell.host.dockerd_pid)
+    maxconn = min(plan.held + 2000, (limit - FD_RESERVE) // 2)
+    held_wanted = min(plan.held, maxconn - 50)
+    pillar = cell.pillar(haproxy={"maxconn": maxconn})
+    cell.deploy(pillar)
+
+    def probe() -> dict:
+        return cell.netload(
+            "latency",
+            cell.frontend,
+            f"--rate={plan.probe_rate}",
+            f"--duration={plan.probe_seconds}",
+            f"--handshake={cell.secret}",
+        )
+
+    pids = cell.haproxy_pids()
+    haproxy_limit = open_files_limit(pids[0])
+    idle_rss = rss_bytes(pids)
+    cell.log("concurrency: baseline probe")
+    baseline = probe()
+    cell.log(f"concurrency: opening {held_wanted} idle connections (maxconn {maxconn}, fd limit {limit})")
+    holder = subprocess.Popen(
+        cell.client_cmd(NETLOAD, "hold", cell.frontend, f"--count={held_wanted}", f"--rate={plan.hold_rate}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready = json.loads(holder.stderr.readline() or "{}")
+        deadline = time.monotonic() + 30
+        sessions = 0
+        while time.monotonic() < deadline and sessions < ready.get("open", 0):
+            sessions = frontend_sessions(cell, pillar)
+            time.sleep(0.5)
+        time.sleep(1)
+        pids = cell.haproxy_pids()
+        held_rss = rss_bytes(pids)
+        sessions = frontend_sessions(cell, pillar)
+        cell.log(f"concurrency: {sessions} sessions held, probing")
+        loaded = probe()
+    finally:
+        if holder.poll() is None:
+            holder.send_signal(signal.SIGTERM)
+        out, _ = holder.communicate(timeout=60)
+    held = json.loads(out.strip().splitlines()[-1])
+    return {
+        "wanted": plan.held,
+        "open_files_limit": {"dockerd": limit, "haproxy": haproxy_limit},
+        "maxconn": maxconn,
+        "held": held,
+        "haproxy_sessions": sessions,
+        "haproxy_rss_idle_mib": round(idle_rss / 2**20, 1),
+        "haproxy_rss_held_mib": round(held_rss / 2**20, 1),
+        "rss_kib_per_connection": round((held_rss - idle_rss) / 1024 / max(sessions, 1), 2),
+        "baseline": baseline,
+        "loaded": loaded,
+        "p50_ratio": ratio(loaded["latency_ms"]["p50"], baseline["latency_ms"]["p50"]),
+        "p99_ratio": ratio(loaded["latency_ms"]["p99"], baseline["latency_ms"]["p99"]),
+    }
+
+
+# -- 3. failover --------------------------------------------------------------------
+
+
+# Longer than the original profile's worst case: fall 2 x inter 3s, plus a check in flight.
+DOWN_WAIT = 8.0
+
+
+def seen_down(cell: Cell, pillar: dict, name: str, timeout: float) -> float | None:
+    """Poll HAProxy's admin socket until it reports ``name`` DOWN; when (monotonic), or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            row = servers(cell.host, pillar).get(name)
+        except (subprocess.SubprocessError, OSError):
+            continue
+        if row and row["status"].startswith("DOWN"):
+            return time.monotonic()
+        time.sleep(0.02)
+    return None
+
+
+def kill_replica(cell: Cell, pillar: dict, victim: str, restart: bool) -> dict:
+    """SIGKILL a replica (a crash; `docker kill` would count as a manual stop,
+    see test_zero_drop) and time HAProxy's DOWN. With ``restart`` Docker's
+    restart policy brings it back at once; without, it stays dead until DOWN
+    (or :data:`DOWN_WAIT`) and is then started by hand."""
+    if not restart:
+        cell.host.docker("update", "--restart", "no", victim)
+    pid = cell.container_pid(victim)
+    killed_wall, killed = time.time(), time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    # Restarted before two failed checks (original profile), a replica is never marked DOWN.
+    down_at = seen_down(cell, pillar, victim, DOWN_WAIT)
+    if not restart:
+        cell.host.docker("start", victim)
+        cell.host.docker("update", "--restart", "always", victim)
+    wait_servers_up(cell.host, pillar, replica_names(2), timeout=60)
+    return {
+        "victim": victim,
+        "restart_policy": restart,
+        "killed_wall": killed_wall,
+        "down_s": round(down_at - killed, 3) if down_at else None,
+        "up_again_s": round(time.monotonic() - killed, 2),
+    }
+
+
+def attribute_failures(kills: list[dict], started: list[float], failed_at: list[float]) -> None:
+    """Sort the failed new connections (wall-clock start and failure) by kill.
+
+    ``cut``: open when the kill came (started before it, failed after it): held
+    on the victim and cut with it. ``failed_new``: started after the kill (and
+    before the next one) and failed before the next kill: refused or closed
+    for want of a live replica.
+    """
+    for i, kill in enumerate(kills):
+        end = kills[i + 1]["killed_wall"] if i + 1 < len(kills) else float("inf")
+        pairs = list(zip(started, failed_at, strict=True))
+        kill["failed_new"] = sum(kill["killed_wall"] <= s < end and f < end for s, f in pairs)
+        kill["cut"] = sum(s < kill["killed_wall"] <= f < end for s, f in pairs)
+
+
+FAILOVER_PROFILES = {
+    "original": {"health_check": {"profile": "original"}, "redispatch": False},
+    "ours": {"health_check": {"profile": "fast"}, "redispatch": True},
+}
+KILL_KINDS = {"restarted by Docker": True, "stays down until DOWN": False}
+
+
+def failover(cell: Cell) -> dict:
+    out: dict = {}
+    names = replica_names(2)
+    for name, haproxy in FAILOVER_PROFILES.items():
+        pillar = cell.pillar(haproxy=haproxy)
+        cell.deploy(pillar)
+        kills = []
+        load = Load(cell)
+        try:
+            for kind, restart in KILL_KINDS.items():
+                for i in range(cell.plan.kills):
+                    time.sleep(1.5)  # leastconn spreads the long-lived clients again
+                    kills.append({"kind": kind, **kill_replica(cell, pillar, names[i % 2], restart)})
+                    cell.log(f"failover {name}, {kind}: kill {i + 1}: DOWN after {kills[-1]['down_s']} s")
+            report = load.stop()
+        finally:
+            load.kill()
+        attribute_failures(kills, report["new"]["failed_started"], report["new"]["failed_at"])
+        out[name] = {"server_options": haproxy, "kills": kills, "load": load_summary(report), "kinds": {}}
+        for kind in KILL_KINDS:
+            these = [k for k in kills if k["kind"] == kind]
+            out[name]["kinds"][kind] = {
+                "kills": len(these),
+                "down_detected": sum(k["down_s"] is not None for k in these),
+                "down_s": summary(k["down_s"] for k in these if k["down_s"] is not None),
+                "failed_new_per_kill": summary(k["failed_new"] for k in these),
+                "failed_new_total": sum(k["failed_new"] for k in these),
+                "cut_total": sum(k["cut"] for k in these),
+            }
+    stays = "stays down until DOWN"
+    out["down_ratio"] = ratio(
+        out["ours"]["kinds"][stays]["down_s"].get("median"), out["original"]["kinds"][stays]["down_s"].get("median")
+    )
+    return out
+
+
+# -- 4. operations under load ---------------------------------------------------------
+
+
+def operations(cell: Cell) -> dict:
+    plan = cell.plan
+    pillars = [cell.pillar(haproxy={"balance": b}) for b in ("roundrobin", "leastconn")]
+    cell.deploy(pillars[1])
+    out = {}
+
+    def under_load(label: str, action: Callable[[], dict]) -> None:
+        cell.log(f"operations: {label}")
+        load = Load(cell)
+        try:
+            start = time.monotonic()
+            detail = action()
+            took = time.monotonic() - start
+            report = load.stop()
+        finally:
+            load.kill()
+        out[label] = {"seconds": round(took, 1), **detail, **load_summary(report)}
+
+    def quiet() -> dict:
+        time.sleep(plan.quiet_seconds)
+        return {}
+
+    def reloads() -> dict:
+        applies, done = [], 0
+        for i in range(plan.reloads):
+            start = time.monotonic()
+            result = apply(cell.host, pillars[i % 2])
+            applies.append(time.monotonic() - start)
+            done += "HAProxy reloads gracefully when its config changes" in changed(result)
+        return {"reloads": done, "apply_s": summary(applies)}
+
+    def scale() -> dict:
+        steps = {}
+        for count in (4, 2):
+            steps[f"to_{count}_s"] = round(
+                cell.deploy(cell.pillar(replicas=count, haproxy={"balance": "leastconn"})), 1
+            )
+        return steps
+
+    under_load("no operation", quiet)
+    under_load(f"{plan.reloads} config reloads", reloads)
+    under_load("scale 2 → 4 → 2", scale)
+    return out
+
+
+# -- 5. Salt ----------------------------------------------------------------------------
+
+
+def salt(cell: Cell) -> dict:
+    pillar = cell.pillar()
+    scaled = cell.pillar(replicas=3)
+    times: dict[str, list[float]] = {
+        "test.ping": [],
+        "first": [],
+        "no change": [],
+        "replicas 2 → 3": [],
+        "replicas 3 → 2": [],
+    }
+    changes_in_no_change = []
+
+    def timed(key: str, pillar: dict) -> dict:
+        start = time.monotonic()
+        result = apply(cell.host, pillar)
+        times[key].append(round(time.monotonic() - start, 2))
+        return result
+
+    for rep in range(cell.plan.reps):
+        cell.log(f"salt: repetition {rep + 1}/{cell.plan.reps}")
+        if rep:
+            apply(cell.host, pillar, sls="mtproxy.clean")
+        start = time.monotonic()
+        cell.host.salt_call("test.ping")
+        times["test.ping"].append(round(time.monotonic() - start, 2))
+        timed("first", pillar)
+        wait_servers_up(cell.host, pillar, replica_names(2))
+        changes_in_no_change.append(len(changed(timed("no change", pillar))))
+        timed("replicas 2 → 3", scaled)
+        timed("replicas 3 → 2", pillar)
+    baseline = summary(times["test.ping"])["median"]
+    return {
+        "times": times,
+        "summary": {k: summary(v) for k, v in times.items()},
+        "vs_test_ping": {k: ratio(summary(v)["median"], baseline) for k, v in times.items()},
+        "no_change_changed_states": changes_in_no_change,
+    }
+
+
+SECTIONS: dict[str, Callable[[Cell], dict]] = {
+    "salt": salt,
+    "failover": failover,
+    "operations": operations,
+    "concurrency": concurrency,
+    "datapath": datapath,
+}
