@@ -331,7 +331,11 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
     tls_domain = _text(settings, "tls_domain", "use a DNS name such as www.example.com, or leave it empty")
     if tls_domain and not re.match(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", tls_domain):
         _fail("tls_domain", tls_domain, "use a DNS name such as www.example.com, or leave it empty")
+    if tls_domain and "tls" not in capabilities["modes"]:
+        _fail("tls_domain", tls_domain, f"flavor {flavor} has no fake-TLS; leave it empty")
     modes = _modes(settings, flavor, capabilities["modes"], tls_domain)
+    if settings.get("handshake_timeout") and flavor != "mtprotoproxy":
+        _fail("handshake_timeout", settings["handshake_timeout"], f"flavor {flavor} has no such setting; use 0")
     ad_tag = _text(settings, "ad_tag", "use the 32 hex characters @MTProxybot gave you, or leave it empty").lower()
     if ad_tag and not HEX32.match(ad_tag):
         _fail("ad_tag", ad_tag, "use the 32 hex characters @MTProxybot gave you, or leave it empty")

@@ -16,11 +16,11 @@ rendered here) and how a config change reaches it. The settings come from
 The last two cannot reload: their config's digest is a container label, so a
 change replaces the container through the same drain as an image change.
 
-CLI example:
+CLI example (what replica 1 runs, secrets masked):
 
 .. code-block:: bash
 
-    salt-call mtproxy_flavor.replica "$(salt-call --out=json mtproxy.settings)" 1
+    salt '*' mtproxy_flavor.show 1
 """
 
 from __future__ import annotations
@@ -28,6 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
+
+try:
+    from salt.exceptions import CommandExecutionError
+except ImportError:  # imported without Salt, e.g. by unit tests of pure logic
+
+    class CommandExecutionError(Exception):  # type: ignore[no-redef]
+        pass
+
 
 __virtualname__ = "mtproxy_flavor"
 
@@ -106,12 +114,14 @@ def _mtprotoproxy_config(cell: dict, replica: dict) -> str:
 
 def _mtg_config(cell: dict, replica: dict) -> str:
     secret = "ee" + cell["secrets"][0] + cell["tls_domain"].encode().hex()
+    address = cell["backend_address"]
+    address = f"[{address}]" if ":" in address else address
     return (
         "\n".join(
             [
                 "# Managed by Salt (mtproxy-formula): mtg v2 config of one replica.",
                 f'secret = "{secret}"',
-                f'bind-to = "{cell["backend_address"]}:{replica["port"]}"',
+                f'bind-to = "{address}:{replica["port"]}"',
                 "# The client address comes from HAProxy's PROXY protocol header.",
                 f"proxy-protocol-listener = {'true' if cell['client_ip'] == 'proxy_protocol' else 'false'}",
             ]
@@ -128,11 +138,7 @@ def replica(cell: dict, replica: dict) -> dict[str, Any]:
     ``config`` text, and ``reload_signal`` (None: a config change replaces
     the container).
 
-    CLI Example:
-
-    .. code-block:: bash
-
-        salt '*' mtproxy_flavor.replica "$(salt-call --out=json mtproxy.settings)" '{"port": 4431, ...}'
+    Called by mtproxy/replicas.sls; on the command line use :py:func:`show`.
     """
     flavor = cell["flavor"]
     mount = MOUNTS[flavor]
@@ -176,3 +182,23 @@ def replica(cell: dict, replica: dict) -> dict[str, Any]:
         "config": config,
         "reload_signal": reload_signal,
     }
+
+
+def show(index: int = 1) -> dict[str, Any]:
+    """
+    The container spec of replica ``index`` of this host's cell, with the
+    secrets masked (they are in its config or environment).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy_flavor.show 2
+    """
+    cell = __salt__["mtproxy.settings"]()
+    replicas = {item["index"]: item for item in cell["replica_list"]}
+    if int(index) not in replicas:
+        raise CommandExecutionError(f"no replica {index}: the cell has {len(replicas)}")
+    spec = replica(cell, replicas[int(index)])
+    masked = json.loads(__salt__["mtproxy.mask"](json.dumps(spec), cell["secrets"]))
+    return masked

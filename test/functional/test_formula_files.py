@@ -68,8 +68,8 @@ def state_args(rendered: dict, state_id: str) -> dict:
 def test_every_flavor_and_client_ip_mode_renders(netns_host, flavor, client_ip, image, entrypoint, command):
     """The whole formula as Salt renders it: each flavor's container spec, and
     kernel rules declared only in transparent mode."""
-    mtproxy = {"flavor": flavor, "client_ip": client_ip, "tls_domain": "www.example.com"}
-    mtproxy |= {"secret": "6c2f9a41d0b83e57a4c19f0e2d7b6a35", "backend_address": "198.18.0.1"}
+    mtproxy = {"flavor": flavor, "client_ip": client_ip, "secret": "6c2f9a41d0b83e57a4c19f0e2d7b6a35"}
+    mtproxy |= {"backend_address": "198.18.0.1", "tls_domain": "" if flavor == "official" else "www.example.com"}
     netns_host.salt_call("saltutil.sync_all")
     rendered = netns_host.salt_call("state.show_sls", "mtproxy", pillar={"mtproxy": mtproxy})
     assert isinstance(rendered, dict), f"did not render: {rendered}"

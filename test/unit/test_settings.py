@@ -108,7 +108,7 @@ def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stub
         ({"flavor": "official", "base_port": 60000}, "mtproxy:base_port", "port+10000"),
         ({"flavor": "mtg"}, "mtproxy:tls_domain", "needs a domain"),
         ({"flavor": "mtg", "tls_domain": "a.example.com", "modes": ["secure"]}, "mtproxy:modes", "serves tls"),
-        ({"flavor": "official", "modes": ["tls"], "tls_domain": "a.example.com"}, "mtproxy:modes", "classic, secure"),
+        ({"flavor": "official", "modes": ["tls"]}, "mtproxy:modes", "serves classic, secure"),
         ({"modes": ["tls"]}, "mtproxy:tls_domain", "needs a domain"),
         ({"modes": "secure"}, "mtproxy:modes", "use a list of classic, secure, tls"),
         ({"modes": ["fast"]}, "mtproxy:modes", "serves classic, secure, tls"),
@@ -121,6 +121,8 @@ def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stub
             "mtproxy:extra_secrets",
             "one secret per instance",
         ),
+        ({"flavor": "official", "tls_domain": "a.example.com"}, "mtproxy:tls_domain", "no fake-TLS"),
+        ({"flavor": "official", "handshake_timeout": 30}, "mtproxy:handshake_timeout", "use 0"),
         ({"ad_tag": "123"}, "mtproxy:ad_tag", "@MTProxybot"),
         (
             {"flavor": "mtg", "tls_domain": "a.example.com", "ad_tag": "3c09c680b76ee91a4c25ad51f742267d"},
