@@ -34,6 +34,8 @@ from cell import (
 pytestmark = pytest.mark.integration
 
 SECRET = "6c2f9a41d0b83e57a4c19f0e2d7b6a35"
+SECOND = "91d3e07b5a2c48f6e1b09a7d3c5f2e84"
+UNKNOWN = "2b7e0c94f1a6d35e8c40b92f7a1d6e53"
 DETECTED = re.compile(r"Active fingerprinting detected from (\S+?),")
 
 SEND_REPEATED = """
@@ -48,11 +50,11 @@ for _ in range(int(sys.argv[5])):
 """
 
 
-def send_replayed_handshake(host, port: int, times: int, client: bool = True) -> None:
+def send_replayed_handshake(host, port: int, times: int, client: bool = True, secret: str = SECRET) -> None:
     """The same valid handshake ``times`` times to ``host.address:port`` (from the client namespace)."""
     test_dir = str(Path(__file__).resolve().parents[1])
     runner = host.client_run if client else host.run
-    runner([sys.executable, "-c", SEND_REPEATED, host.address, str(port), SECRET, test_dir, str(times)], timeout=60)
+    runner([sys.executable, "-c", SEND_REPEATED, host.address, str(port), secret, test_dir, str(times)], timeout=60)
 
 
 def replica_logs(host, since: float = 0) -> str:
@@ -68,14 +70,24 @@ def our_rules(host) -> list[str]:
     return rules
 
 
+def detected_after(host, sent_at: float, wait: float = 5) -> set[str]:
+    """Addresses the replicas logged a replayed handshake from since ``sent_at``."""
+    deadline = time.monotonic() + wait
+    while True:
+        seen = set(DETECTED.findall(replica_logs(host, since=sent_at)))
+        if seen or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def switched(testhost):
     """A transparent cell first (rules in place), then the same cell on the PROXY protocol."""
-    tproxy_pillar = cell_pillar(testhost, secret=SECRET)
+    tproxy_pillar = cell_pillar(testhost, secret=SECRET, extra_secrets=[SECOND])
     assert not failed(apply(testhost, tproxy_pillar))
     assert_cell_serves(testhost, tproxy_pillar, 2)
     rules_before = our_rules(testhost)
-    pillar = cell_pillar(testhost, secret=SECRET, client_ip="proxy_protocol")
+    pillar = cell_pillar(testhost, secret=SECRET, extra_secrets=[SECOND], client_ip="proxy_protocol")
     result = apply(testhost, pillar)
     # Between the replicas' reload and HAProxy's, checks still come without
     # the header (README: switching modes interrupts new connections briefly).
@@ -95,14 +107,25 @@ def test_switching_to_proxy_protocol_removes_every_kernel_rule(switched):
 def test_replicas_learn_the_client_address_from_the_header(switched):
     host, pillar, _, _, _ = switched
     wait_servers_up(host, pillar, replica_names(2))
+    sent_at = time.time()
     send_replayed_handshake(host, FRONTEND_PORT, times=8)
-    deadline = time.monotonic() + 10
-    while not DETECTED.findall(replica_logs(host)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    seen = set(DETECTED.findall(replica_logs(host)))
+    seen = detected_after(host, sent_at, wait=10)
     # The TCP peer of every replica connection is HAProxy on the host's own
     # address; only the PROXY header carries the client namespace's one.
     assert seen == {host.client_address}, seen
+
+
+def test_every_secret_is_served_and_no_other(switched):
+    """A replica remembers a handshake (and so logs its replay) only when it
+    matched one of its secrets: the extra secret does, an unknown one not."""
+    host, pillar, _, _, _ = switched
+    wait_servers_up(host, pillar, replica_names(2))
+    sent_at = time.time()
+    send_replayed_handshake(host, FRONTEND_PORT, times=8, secret=UNKNOWN)
+    assert detected_after(host, sent_at) == set()
+    sent_at = time.time()
+    send_replayed_handshake(host, FRONTEND_PORT, times=8, secret=SECOND)
+    assert detected_after(host, sent_at, wait=10) == {host.client_address}
 
 
 def test_health_checks_are_not_bad_clients_but_bare_connections_are(switched):
@@ -110,11 +133,12 @@ def test_health_checks_are_not_bad_clients_but_bare_connections_are(switched):
     time.sleep(3)  # a few check rounds (inter 1s) since the switch
     assert "sent bad proxy protocol headers" not in replica_logs(host, since=switched_at)
     # Control: a connection without the header, straight to a replica, is one.
+    sent_at = time.time()
     send_replayed_handshake(host, BASE_PORT, times=1, client=False)
     deadline = time.monotonic() + 10
-    while "sent bad proxy protocol headers" not in replica_logs(host) and time.monotonic() < deadline:
+    while "sent bad proxy protocol headers" not in replica_logs(host, sent_at) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert f"Client from {host.address} sent bad proxy protocol headers" in replica_logs(host)
+    assert f"Client from {host.address} sent bad proxy protocol headers" in replica_logs(host, sent_at)
 
 
 def test_status_and_a_second_apply(switched):
@@ -124,3 +148,7 @@ def test_status_and_a_second_apply(switched):
     status = host.salt_call("mtproxy.status")
     assert status["return_path"] == {"ok": None, "used": False, "client_ip": "proxy_protocol"}
     assert {r["haproxy"] for r in status["replicas"]} == {"UP"}
+    # What replica 2 runs, for an operator: its config, the secret masked.
+    spec = host.salt_call("mtproxy_flavor.show", "2")
+    assert "PROXY_PROTOCOL = True" in spec["config"] and "PORT = 4432" in spec["config"]
+    assert SECRET not in str(spec) and SECRET[:4] in spec["config"]
