@@ -310,8 +310,13 @@ class TestHost:
         if pillar is not None:
             cmd.append("pillar=" + json.dumps(pillar))
         proc = self.run(cmd, check=False, timeout=timeout)
+        if not proc.stdout.strip():
+            # --out=json always prints a result: salt-call itself failed.
+            raise TestHostError(
+                f"salt-call {' '.join(args)} printed nothing (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+            )
         try:
-            result = json.loads(proc.stdout)["local"] if proc.stdout.strip() else None
+            result = json.loads(proc.stdout)["local"]
         except ValueError as exc:
             raise TestHostError(f"salt-call printed no JSON ({proc.returncode}):\n{proc.stdout}{proc.stderr}") from exc
         if check and proc.returncode != 0:
