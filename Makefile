@@ -40,7 +40,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/yamllint -s pillar.example kitchen.yml mtproxy/parameters test/kitchen/pillar
-	$(VENV)/bin/salt-lint mtproxy/*.sls
+	$(VENV)/bin/salt-lint $$(find mtproxy -name "*.sls")
 
 test: setup lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
