@@ -44,9 +44,11 @@ def header(results: dict) -> list[str]:
         "open-files limit of the machine: 20000 here; clients in a second namespace over a veth pair), deployed by "
         "`salt-call --local state.apply mtproxy`. The machine is shared and noisy: read the ratios, each against "
         f"a baseline measured in the same run, not the absolute numbers. Repeated measurements: median "
-        f"(min-max) of {plan['reps']}. The load generators (bench/netload.py, test/loadgen.py) report their own "
-        "CPU use and schedule lag; a client at ≥ 85 % of a core is flagged as saturated (its number is then a "
-        "floor for the cell, not the cell's limit).",
+        f"(min-max) of {plan['reps']} (data path: {plan.get('datapath_reps', plan['reps'])}). The load generators "
+        "are small asyncio clients of ours (bench/netload.py, "
+        "test/loadgen.py: raw TCP and MTProto handshakes, which wrk and other HTTP tools do not speak); they "
+        "report their own CPU use and schedule lag; a client at ≥ 85 % of a core is flagged as saturated (its "
+        "number is then a floor for the cell, not the cell's limit).",
         "",
         f"![benchmark summary]({PLOT})",
         "",
@@ -130,7 +132,9 @@ def datapath(section: dict, defaults: dict) -> list[str]:
         "containers run it from an image made of the mtprotoproxy image, with the replica's own config, so it "
         "listens on the replica ports behind the same HAProxy config and TPROXY return path. It sends one byte "
         "on accept and, on request, bulk bytes with sendfile(). Baseline: the same process on a port outside the "
-        "return-path rules, reached directly. Direct and through-the-cell runs alternate.",
+        "return-path rules, reached directly. Direct and through-the-cell runs alternate. HAProxy runs the "
+        "formula's config as deployed, logging every connection (`option tcplog` to stdout, kept by Docker): "
+        "that cost is part of the cell's numbers.",
         "",
         f"New connections/s: closed loop, {section['variants']['no splice']['runs']['cell']['rate'][0]['concurrency']} "
         "concurrent connect → first byte → close. Latency: connect() to first byte, open loop at "
@@ -171,27 +175,27 @@ def datapath(section: dict, defaults: dict) -> list[str]:
 
 def concurrency(section: dict) -> list[str]:
     base, loaded, held = section["baseline"], section["loaded"], section["held"]
-
-    def lat(run: dict, key: str) -> str:
-        return _n(run["latency_ms"][key], 2) if run.get("latency_ms") else "n/a"
-
     rows = [
-        ["p50 handshake → answer, ms", lat(base, "p50"), lat(loaded, "p50"), _n(section["p50_ratio"])],
-        ["p99 handshake → answer, ms", lat(base, "p99"), lat(loaded, "p99"), _n(section["p99_ratio"])],
+        ["p50 handshake → answer, ms", spread(base["p50_ms"], digits=2), spread(loaded["p50_ms"], digits=2)],
+        ["p99 handshake → answer, ms", spread(base["p99_ms"], digits=2), spread(loaded["p99_ms"], digits=2)],
         [
-            "probe: achieved rate / failed",
-            f"{base['achieved_rate']}/s / {base['failed']}",
-            f"{loaded['achieved_rate']}/s / {loaded['failed']}",
-            "",
+            "probe: achieved rate / failed / client CPU max",
+            f"{spread(base['achieved_rate'], '/s')} / {base['failed']} / {base['client_cpu_percent_max']:.0f} %",
+            f"{spread(loaded['achieved_rate'], '/s')} / {loaded['failed']} / {loaded['client_cpu_percent_max']:.0f} %",
         ],
         [
             "HAProxy sessions / RSS",
             f"0 / {section['haproxy_rss_idle_mib']} MiB",
             f"{section['haproxy_sessions']} / {section['haproxy_rss_held_mib']} MiB",
-            "",
         ],
     ]
+    rows[0].append(_n(section["p50_ratio"]))
+    rows[1].append(_n(section["p99_ratio"]))
+    rows[2].append("")
+    rows[3].append("")
     limits = section["open_files_limit"]
+    probes = len(section["probes"]["baseline"])
+    probe_seconds = round(section["probes"]["baseline"][0]["client"]["wall_s"])
     capped = ""
     if held["wanted"] < section["wanted"]:
         capped = (
@@ -208,7 +212,8 @@ def concurrency(section: dict) -> list[str]:
         f"{held['failed_open']} failed, {held['alive_at_end']} still open at the end; holder CPU "
         f"{held['client']['cpu_percent']} %). The probe sends a valid MTProto handshake for the cell's secret and "
         "times connect() to the replica's answer (it closes: Telegram is unreachable), "
-        f"{base['target_rate']:.0f}/s; baseline = the same probe with no connection held.",
+        f"{base['target_rate']:.0f}/s for {probe_seconds} s, {probes} times each; baseline = the same probe "
+        "with no connection held.",
         "",
         *_table(["", "no held connections", f"{section['haproxy_sessions']} held", "held ÷ none"], rows),
         "",
@@ -393,11 +398,10 @@ def _plot_datapath(ax, section: dict) -> None:
 
 
 def _plot_concurrency(ax, section: dict) -> None:
-    runs = {"no held": section["baseline"], f"{section['haproxy_sessions']} held": section["loaded"]}
-    for i, run in enumerate(runs.values()):
-        if run.get("latency_ms"):
-            ax.bar([i - 0.2, i + 0.2], [run["latency_ms"]["p50"], run["latency_ms"]["p99"]], 0.38, color=["C0", "C1"])
-    ax.set_xticks(range(len(runs)), list(runs))
+    labels = ["no held connections", f"{section['haproxy_sessions']} held"]
+    runs = [section["baseline"], section["loaded"]]
+    for i, (key, color) in enumerate((("p50_ms", "C0"), ("p99_ms", "C1"))):
+        _bars(ax, labels, [r[key] for r in runs], color, offset=(i - 0.5) * 0.4, width=0.4)
     ax.set_ylabel("ms")
     ax.set_title("2. Handshake -> answer, real replicas")
     _legend(ax, {"p50": "C0", "p99": "C1"})

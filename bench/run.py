@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "plan": plan.__dict__ | {"quick": args.quick},
         "formula": git("describe", "--always", "--dirty") or "unknown",
-        "command": "make bench" if not (args.quick or args.only) else "bench/run.py " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join(["bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "sections": {},
         "errors": {},
     }

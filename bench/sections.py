@@ -43,6 +43,7 @@ class Plan:
     """How much of everything: ``full`` for `make bench`, ``quick`` for development."""
 
     reps: int = 3
+    datapath_reps: int = 5
     rate_seconds: float = 3.0
     concurrency: int = 32
     latency_rate: float = 200.0
@@ -60,6 +61,7 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(
             reps=1,
+            datapath_reps=1,
             rate_seconds=2.0,
             latency_seconds=2.0,
             bulk_bytes=2**28,
@@ -227,8 +229,8 @@ def datapath(cell: Cell) -> dict:
         cell.deploy(pillar)
         runs: dict[str, dict[str, list]] = {path: {"rate": [], "latency": [], "bulk": []} for path in targets}
         # Direct and through the cell alternate: both see the same machine state.
-        for rep in range(plan.reps):
-            cell.log(f"data path: {variant}, repetition {rep + 1}/{plan.reps}")
+        for rep in range(plan.datapath_reps):
+            cell.log(f"data path: {variant}, repetition {rep + 1}/{plan.datapath_reps}")
             for path, target in targets.items():
                 runs[path]["rate"].append(
                     cell.netload(
@@ -338,6 +340,18 @@ def frontend_sessions(cell: Cell, pillar: dict) -> int:
     return next(int(r["scur"]) for r in rows if r["pxname"] == "mtproxy" and r["svname"] == "FRONTEND")
 
 
+def probe_summary(runs: list[dict]) -> dict:
+    """Latency probes repeated: p50 and p99 of each, summarised; what the prober achieved."""
+    return {
+        "p50_ms": summary(r["latency_ms"]["p50"] for r in runs if r["latency_ms"]),
+        "p99_ms": summary(r["latency_ms"]["p99"] for r in runs if r["latency_ms"]),
+        "achieved_rate": summary(r["achieved_rate"] for r in runs),
+        "target_rate": runs[0]["target_rate"],
+        "failed": sum(r["failed"] for r in runs),
+        "client_cpu_percent_max": max(r["client"]["cpu_percent"] for r in runs),
+    }
+
+
 def concurrency(cell: Cell) -> dict:
     plan = cell.plan
     cell.tune_namespaces()
@@ -361,8 +375,8 @@ def concurrency(cell: Cell) -> dict:
     pids = cell.haproxy_pids()
     haproxy_limit = open_files_limit(pids[0])
     idle_rss = rss_bytes(pids)
-    cell.log("concurrency: baseline probe")
-    baseline = probe()
+    cell.log("concurrency: baseline probes")
+    baseline = [probe() for _ in range(plan.reps)]
     cell.log(f"concurrency: opening {held_wanted} idle connections (maxconn {maxconn}, fd limit {limit})")
     holder = subprocess.Popen(
         cell.client_cmd(NETLOAD, "hold", cell.frontend, f"--count={held_wanted}", f"--rate={plan.hold_rate}"),
@@ -382,13 +396,13 @@ def concurrency(cell: Cell) -> dict:
         held_rss = rss_bytes(pids)
         sessions = frontend_sessions(cell, pillar)
         cell.log(f"concurrency: {sessions} sessions held, probing")
-        loaded = probe()
+        loaded = [probe() for _ in range(plan.reps)]
     finally:
         if holder.poll() is None:
             holder.send_signal(signal.SIGTERM)
         out, _ = holder.communicate(timeout=60)
     held = json.loads(out.strip().splitlines()[-1])
-    return {
+    out = {
         "wanted": plan.held,
         "open_files_limit": {"dockerd": limit, "haproxy": haproxy_limit},
         "maxconn": maxconn,
@@ -397,11 +411,13 @@ def concurrency(cell: Cell) -> dict:
         "haproxy_rss_idle_mib": round(idle_rss / 2**20, 1),
         "haproxy_rss_held_mib": round(held_rss / 2**20, 1),
         "rss_kib_per_connection": round((held_rss - idle_rss) / 1024 / max(sessions, 1), 2),
-        "baseline": baseline,
-        "loaded": loaded,
-        "p50_ratio": ratio(loaded["latency_ms"]["p50"], baseline["latency_ms"]["p50"]),
-        "p99_ratio": ratio(loaded["latency_ms"]["p99"], baseline["latency_ms"]["p99"]),
+        "baseline": probe_summary(baseline),
+        "loaded": probe_summary(loaded),
+        "probes": {"baseline": baseline, "loaded": loaded},
     }
+    for key in ("p50_ms", "p99_ms"):
+        out[key.replace("_ms", "_ratio")] = ratio(out["loaded"][key].get("median"), out["baseline"][key].get("median"))
+    return out
 
 
 # -- 3. failover --------------------------------------------------------------------
