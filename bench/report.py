@@ -59,7 +59,10 @@ def header(results: dict) -> list[str]:
 
 
 def splice_decision(wins: bool, defaults: dict) -> str:
-    rule = "(rule: >= +5 % throughput, less HAProxy CPU per GiB, <= 10 % fewer new connections/s)"
+    rule = (
+        "(rule: median throughput +5 % or more and less HAProxy CPU per GiB, and no repetition-wide loss of 10 % "
+        "in new connections/s or p50 latency)"
+    )
     default = f"`haproxy:splice: {str(defaults.get('splice')).lower()}`"
     if not wins:
         return f"Splice does not win {rule}; the formula's default is {default}."
@@ -123,6 +126,7 @@ def datapath(section: dict, defaults: dict) -> list[str]:
             ]
         )
     verdict = section["verdict"]
+    vs = verdict["splice_vs_plain"]
     plain, splice = section["variants"]["no splice"], section["variants"]["splice"]
     lat = plain["paths"]["cell"]
     lines = [
@@ -132,7 +136,8 @@ def datapath(section: dict, defaults: dict) -> list[str]:
         "containers run it from an image made of the mtprotoproxy image, with the replica's own config, so it "
         "listens on the replica ports behind the same HAProxy config and TPROXY return path. It sends one byte "
         "on accept and, on request, bulk bytes with sendfile(). Baseline: the same process on a port outside the "
-        "return-path rules, reached directly. Direct and through-the-cell runs alternate. HAProxy runs the "
+        "return-path rules, reached directly. Direct and through-the-cell runs alternate, and so do the two HAProxy "
+        "variants (a reload each time). HAProxy runs the "
         "formula's config as deployed, logging every connection (`option tcplog` to stdout, kept by Docker): "
         "that cost is part of the cell's numbers.",
         "",
@@ -157,10 +162,17 @@ def datapath(section: dict, defaults: dict) -> list[str]:
             rows,
         ),
         "",
-        f"Splice against no splice (each as a ratio to its own direct baseline): throughput x "
-        f"{_n(verdict['throughput_splice_vs_plain'])}, HAProxy CPU per GiB x {_n(verdict['cpu_splice_vs_plain'])}, "
-        f"new connections/s x {_n(verdict['rate_splice_vs_plain'])}. "
+        "Splice against no splice through the cell, repetition by repetition (median, min-max): throughput x "
+        f"{spread(vs['mib_per_s'], digits=2)}, HAProxy CPU per GiB x {spread(vs['haproxy_cpu_per_gib'], digits=2)}, "
+        f"new connections/s x {spread(vs['conn_per_s'], digits=2)}, p50 latency x {spread(vs['p50_ms'], digits=2)}. "
         + splice_decision(verdict["splice_wins"], defaults),
+        "",
+        "HAProxy CPU per 1000 new connections (closed-loop runs): "
+        + ", ".join(
+            f"{v} {spread(d['paths']['cell']['haproxy_cpu_ms_per_1000_conn'], ' ms', digits=0)}"
+            for v, d in section["variants"].items()
+        )
+        + ".",
         "",
         *saturation_note(section),
         f"What this means: through the cell a new connection costs "
