@@ -361,7 +361,8 @@ def salt(section: dict) -> list[str]:
         "## 5. Salt",
         "",
         "Wall time of `salt-call --local state.apply mtproxy sync_mods=all` (what an operator runs) in the test "
-        "host, 2 replicas. First = after `mtproxy.clean` (images loaded, secret file kept); replicas changes "
+        "host, 2 replicas. First = on the fresh test host, then after `mtproxy.clean` (images loaded, secret "
+        f"file kept; {len(section['times']['first'])} in all); replicas changes "
         "include starting or draining and removing a replica. Baseline: `salt-call --local test.ping` (Salt's "
         f"own start-up). No-change applies changed {max(section['no_change_changed_states'])} states.",
         "",

@@ -9,6 +9,7 @@ run: the machines are shared and noisy, timings alone mean little.
     bench/run.py --quick --out /tmp/b     # small numbers, for development
     bench/run.py --only failover,salt     # some sections
     bench/run.py --formula-ref HEAD       # deploy the committed formula, not the work tree
+    bench/run.py --render bench/results.json   # the report again from a saved run (no measuring)
 
 Exits non-zero only when it could not run (no test host, a deploy failed).
 """
@@ -100,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated sections out of {','.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=REPO / "bench", help="folder for results.md/.json/.png")
     parser.add_argument("--formula-ref", help="deploy the formula as committed at this git ref")
+    parser.add_argument("--render", type=Path, help="only write results.md and the plot again from a results.json")
     args = parser.parse_args(argv)
+    if args.render:
+        report.write(json.loads(args.render.read_text()), args.out)
+        return 0
     wanted = args.only.split(",") if args.only else list(SECTIONS)
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
