@@ -30,7 +30,10 @@ TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(REPO / "mtproxy" /
 
 
 def cell(**changes) -> dict:
-    return mtproxy.resolve(settings(secret=SECRET, **changes))
+    haproxy = changes.pop("haproxy", {})
+    resolved = settings(secret=SECRET, **changes)
+    resolved["haproxy"] = {**resolved["haproxy"], **haproxy}
+    return mtproxy.resolve(resolved)
 
 
 def replica_spec(resolved: dict, index: int = 0) -> dict:
