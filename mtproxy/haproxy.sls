@@ -7,9 +7,10 @@
 {%- set haproxy = mtproxy.haproxy %}
 {%- set existing = salt['mtproxy.existing_replicas']() %}
 {%- set wanted = mtproxy.replica_list | map(attribute='name') | list %}
-{#- The HAProxy config has no business with the secret. #}
+{#- The HAProxy config has no business with the secrets. #}
 {%- set cell = mtproxy.copy() %}
 {%- do cell.pop('secret') %}
+{%- do cell.pop('secrets') %}
 
 include:
   - .replicas
