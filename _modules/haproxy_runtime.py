@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -256,10 +257,15 @@ def _parse_reload(text: str) -> tuple[bool | None, str]:
     return match.group(1) == "1", (tail if sep else head).strip()
 
 
+def _number(fields: dict[str, str], key: str) -> int | None:
+    """An integer field of HAProxy's output; None when it is empty or not a number."""
+    value = fields.get(key) or ""
+    return int(value) if value.lstrip("-").isdigit() else None
+
+
 def _server_row(row: dict[str, str]) -> dict[str, Any]:
     def number(key: str) -> int | None:
-        value = row.get(key, "")
-        return int(value) if value.lstrip("-").isdigit() else None
+        return _number(row, key)
 
     return {
         "backend": row.get("pxname"),
@@ -413,8 +419,7 @@ def info(admin_socket: str | None = None, master_socket: str | None = None) -> d
     raw = _parse_info(_worker_cmd("show info", admin_socket, master_socket, expect="Name:"))
 
     def number(key: str) -> int | None:
-        value = raw.get(key, "")
-        return int(value) if value.isdigit() else None
+        return _number(raw, key)
 
     return {
         "version": raw.get("Version"),
@@ -530,6 +535,27 @@ def set_state(
     return {"server": f"{backend}/{server}", "state": state, "status": now["status"]}
 
 
+def _poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float, interval: float):
+    """Call ``fetch()`` until ``done(value)`` or ``timeout`` seconds have passed;
+    returns ``(last value, done, seconds waited)``."""
+    start = time.monotonic()
+    while True:
+        value = fetch()
+        waited = time.monotonic() - start
+        finished = bool(done(value))
+        if finished or waited >= timeout:
+            return value, finished, waited
+        time.sleep(min(interval, max(0.0, timeout - waited)))
+
+
+def _proc_or_none(master: str) -> dict[str, Any] | None:
+    """``show proc``, or None while the master CLI does not answer (starting, re-executing)."""
+    try:
+        return show_proc(master)
+    except CommandExecutionError:
+        return None
+
+
 def wait_for(
     backend: str,
     server: str,
@@ -554,26 +580,28 @@ def wait_for(
 
         salt '*' haproxy_runtime.wait_for mtproxy mtproxy_1 UP timeout=20
     """
-    start = time.monotonic()
-    while True:
-        now = _one(backend, server, admin_socket=admin_socket, master_socket=master_socket)
-        done = _status_matches(now["status"], status)
-        if done and checked and now["check_status"] and now["check_status"].startswith("INI"):
-            done = False
-        waited = time.monotonic() - start
-        if done:
-            return {
-                "server": f"{backend}/{server}",
-                "status": now["status"],
-                "check_status": now["check_status"],
-                "waited": round(waited, 3),
-            }
-        if waited >= timeout:
-            raise CommandExecutionError(
-                f"{backend}/{server} is not {status} after {timeout} s: {now['status']}"
-                f" ({now['check_status'] or 'no check'}: {now['check_desc'] or '-'})"
-            )
-        time.sleep(min(interval, max(0.0, timeout - waited)))
+
+    def reached(now: dict[str, Any]) -> bool:
+        unchecked = checked and (now["check_status"] or "").startswith("INI")
+        return _status_matches(now["status"], status) and not unchecked
+
+    now, done, waited = _poll(
+        lambda: _one(backend, server, admin_socket=admin_socket, master_socket=master_socket),
+        reached,
+        timeout,
+        interval,
+    )
+    if not done:
+        raise CommandExecutionError(
+            f"{backend}/{server} is not {status} after {timeout} s: {now['status']}"
+            f" ({now['check_status'] or 'no check'}: {now['check_desc'] or '-'})"
+        )
+    return {
+        "server": f"{backend}/{server}",
+        "status": now["status"],
+        "check_status": now["check_status"],
+        "waited": round(waited, 3),
+    }
 
 
 def drain(
@@ -609,36 +637,30 @@ def drain(
     """
     master = _master(master_socket)
     use_all = bool(master and os.path.exists(master))
-    if missing_ok and not _has_server(backend, server, admin_socket, master_socket):
+
+    def outcome(left: int, waited: float, **extra: Any) -> dict[str, Any]:
         return {
             "server": f"{backend}/{server}",
-            "drained": True,
-            "missing": True,
-            "sessions_left": 0,
+            "drained": left == 0,
+            "sessions_left": left,
             "sessions_shut_down": 0,
-            "waited": 0.0,
+            "waited": round(waited, 3),
             "all_workers": use_all,
+            **extra,
         }
+
+    if missing_ok and not _has_server(backend, server, admin_socket, master_socket):
+        return outcome(0, 0.0, missing=True)
     set_state(backend, server, "drain", admin_socket, master_socket)
 
     def sessions() -> dict[str, Any]:
         return _one(backend, server, use_all, admin_socket, master_socket)
 
-    start = time.monotonic()
-    while True:
-        now = sessions()
-        waited = time.monotonic() - start
-        if now["scur"] == 0 or waited >= timeout:
-            break
-        time.sleep(min(interval, max(0.0, timeout - waited)))
-    result = {
-        "server": f"{backend}/{server}",
-        "drained": now["scur"] == 0,
-        "sessions_left": now["scur"],
-        "sessions_shut_down": 0,
-        "waited": round(waited, 3),
-        "all_workers": use_all,
-    }
+    def empty(now: dict[str, Any]) -> bool:
+        return now["scur"] == 0
+
+    now, _, waited = _poll(sessions, empty, timeout, interval)
+    result = outcome(now["scur"], waited)
     if shutdown and now["scur"]:
         if use_all:
             for pid, count in now.get("scur_by_pid", {}).items():
@@ -648,11 +670,7 @@ def drain(
             _worker_cmd(f"shutdown sessions server {backend}/{server}", admin_socket, master_socket)
         result["sessions_shut_down"] = now["scur"]
         # Shut-down sessions leave the counters at once, or within a poll or two.
-        for _ in range(20):
-            if _one(backend, server, use_all, admin_socket, master_socket)["scur"] == 0:
-                result["drained"] = True
-                break
-            time.sleep(0.1)
+        _, result["drained"], _ = _poll(sessions, empty, 2.0, 0.1)
     return result
 
 
@@ -742,14 +760,8 @@ def save_state(state_file: str, admin_socket: str | None = None, master_socket: 
 def _answering_master(master: str, timeout: float) -> dict[str, Any]:
     """``show proc`` once the master CLI answers: a container started a moment
     ago (the first apply) may not have opened its socket yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return show_proc(master)
-        except CommandExecutionError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.2)
+    proc, answered, _ = _poll(lambda: _proc_or_none(master), lambda proc: proc is not None, timeout, 0.2)
+    return proc if answered else show_proc(master)  # raises with the socket's error
 
 
 def reload(
@@ -810,19 +822,12 @@ def _reload_confirmed(master: str, before: dict[str, Any], timeout: float, state
         )
 
     # Confirm: the master counts the reload (HAProxy < 2.7 does it after answering).
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            after = show_proc(master)
-        except CommandExecutionError:
-            after = None  # the master is re-executing itself
-        if after and (after["master"]["reloads"] or 0) > (before["master"]["reloads"] or 0):
-            break
-        if time.monotonic() >= deadline:
-            raise CommandExecutionError(
-                f"HAProxy socket {master}: 'reload' not confirmed by 'show proc' in {timeout} s"
-            )
-        time.sleep(0.1)
+    def counted(proc: dict[str, Any] | None) -> bool:
+        return bool(proc) and (proc["master"]["reloads"] or 0) > (before["master"]["reloads"] or 0)
+
+    after, confirmed, _ = _poll(lambda: _proc_or_none(master), counted, timeout, 0.1)
+    if not confirmed:
+        raise CommandExecutionError(f"HAProxy socket {master}: 'reload' not confirmed by 'show proc' in {timeout} s")
     current = [w["pid"] for w in after["workers"] if w["current"]]
     new_pid = current[0] if current else None
     if success is None:
