@@ -538,18 +538,22 @@ def _change(ipr, verb: str, item: Item, binaries: dict[str, str]) -> None:
         raise CommandExecutionError(_netlink_error(exc, f"{verb} `{describe(item)}`")) from exc
 
 
-def _apply(ipr, add: list[Item], remove: list[Item], binaries: dict[str, str]) -> dict[str, list[str]]:
-    """Add first, then remove: no current replica port is ever without a return path."""
+def _apply(
+    ipr, add: list[Item], remove: list[Item], binaries: dict[str, str], test: bool = False
+) -> dict[str, list[str]]:
+    """Add first, then remove: no current replica port is ever without a return path.
+    With ``test``, only say what would be done. Returns the non-empty of ``added``/``removed``."""
     done: dict[str, list[str]] = {"added": [], "removed": []}
     for verb, items, key in (("add", add, "added"), ("delete", remove, "removed")):
         for item in items:
-            try:
-                _change(ipr, verb, item, binaries)
-            except CommandExecutionError as exc:
-                raise CommandExecutionError(exc.error, info=_changes(done)) from exc
+            if not test:
+                try:
+                    _change(ipr, verb, item, binaries)
+                except CommandExecutionError as exc:
+                    raise CommandExecutionError(exc.error, info=_changes(done)) from exc
+                log.info("tproxy: %s %s", key, describe(item))
             done[key].append(describe(item))
-            log.info("tproxy: %s %s", key, describe(item))
-    return done
+    return _changes(done)
 
 
 def _changes(done: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -624,11 +628,7 @@ def ensure(
     spec = validate(name, ports, method, mark, table, family, priority, tag, iptables, ip6tables)
     with IPRoute() as ipr:
         to_add, to_remove = _plan(ipr, spec)
-        if keep_stale:
-            to_remove = []
-        if test:
-            return _changes({"added": [describe(i) for i in to_add], "removed": [describe(i) for i in to_remove]})
-        return _changes(_apply(ipr, to_add, to_remove, spec.binaries))
+        return _apply(ipr, to_add, [] if keep_stale else to_remove, spec.binaries, test)
 
 
 def remove(name, table=100, family="both", tag=DEFAULT_TAG, iptables="iptables", ip6tables="ip6tables", test=False):
@@ -647,9 +647,7 @@ def remove(name, table=100, family="both", tag=DEFAULT_TAG, iptables="iptables",
     with IPRoute() as ipr:
         have, _ = _read(ipr, table, tag, comment_for(name), binaries, families, False, True)
         _, stale = diff([], [item for item in have if item.family in families])
-        if test:
-            return _changes({"removed": [describe(i) for i in stale]})
-        return _changes(_apply(ipr, [], stale, binaries))
+        return _apply(ipr, [], stale, binaries, test)
 
 
 # -- boot unit and watchdog entry point --------------------------------------------

@@ -22,8 +22,6 @@ only maps it onto the state contract.
 
 from __future__ import annotations
 
-import inspect
-
 try:
     import pyroute2  # noqa: F401 (only probed: the execution module does the work)
 
@@ -156,11 +154,3 @@ def absent(name, table=100, family="both", tag=201, iptables="iptables", ip6tabl
         iptables=iptables,
         ip6tables=ip6tables,
     )
-
-
-def mod_watch(name, sfun=None, **kwargs):
-    """On ``watch``: run the watched function again, which restores whatever is missing."""
-    func = absent if sfun == "absent" else present
-    # The low chunk carries Salt's own keys (__id__, fun, order...): pass on ours only.
-    params = inspect.signature(func).parameters
-    return func(name, **{k: v for k, v in kwargs.items() if k in params and k != "name"})

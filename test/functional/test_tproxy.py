@@ -22,7 +22,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network n
 
 HAPROXY = "/usr/sbin/haproxy"
 FRONTEND_PORT = 8443
-OUR_COMMENT = '-m comment --comment "mtproxy-formula tproxy: cell"'
 
 
 def _mangle_rule(sports: str, name: str = "cell") -> str:
@@ -541,7 +540,8 @@ def test_datapath_mark_does_not_reach_loopback_backends(cell, datapath):
 
 
 def test_sls_with_watch(cell, tmp_path):
-    """In an SLS, with a ``watch`` that fires: mod_watch restores the return path like present."""
+    """In an SLS, with a ``watch`` that fires: the state converges as it does
+    without one (no mod_watch: present already restores whatever is missing)."""
     (tmp_path / "tp.sls").write_text(
         """
 Something the return path watches changed:
@@ -571,7 +571,7 @@ Replies of the replicas return to HAProxy:
     assert cell.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
     assert cell.routes() == [OUR_ROUTE]
 
-    # Again: present finds nothing to do, so Salt calls mod_watch (with its own keys in the low chunk).
+    # Again, with the watched state changing again: nothing left to do.
     out = cell.host.salt_call("state.apply", "tp", config_dir=config_dir)
     ret = next(v for k, v in out.items() if k.startswith("tproxy_"))
     assert (ret["result"], ret["changes"]) == (True, {}), ret
