@@ -12,15 +12,21 @@ import csv
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from testhost import TestHost
 
 FRONTEND_PORT = 8443
 BASE_PORT = 4431
+LOADGEN = Path(__file__).resolve().parent / "loadgen.py"
+# The load of the zero-drop tests and the benchmarks: new connections/s, long-lived ones,
+# and how long a new connection must stay open (longer than HAProxy's 3 retries).
+RATE, LONG, HOLD = 20, 40, 4.0
 
 
 def cell_pillar(host: TestHost, **overrides: Any) -> dict:
@@ -41,6 +47,12 @@ def cell_pillar(host: TestHost, **overrides: Any) -> dict:
         else:
             mtproxy[key] = value
     return {"mtproxy": mtproxy}
+
+
+def held_clients_pillar(host: TestHost, **overrides: Any) -> dict:
+    """:func:`cell_pillar` for connect-only load: the real mtprotoproxy replicas keep
+    silent clients for the handshake timeout; removed replicas drain for 5 s."""
+    return cell_pillar(host, **{"handshake_timeout": 3600, "drain_timeout": 5, **overrides})
 
 
 def apply(host: TestHost, pillar: dict, sls: str = "mtproxy", test: bool = False, check: bool = True) -> dict:
@@ -88,11 +100,14 @@ def show_stat(host: TestHost, admin_socket: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
+def admin_socket(pillar: dict) -> str:
+    return pillar["mtproxy"]["run_dir"] + "/haproxy/admin.sock"
+
+
 def servers(host: TestHost, pillar: dict) -> dict[str, dict]:
-    admin = pillar["mtproxy"]["run_dir"] + "/haproxy/admin.sock"
     return {
         row["svname"]: row
-        for row in show_stat(host, admin)
+        for row in show_stat(host, admin_socket(pillar))
         if row["pxname"] == "mtproxy_replicas" and row["svname"] not in ("FRONTEND", "BACKEND")
     }
 
@@ -188,6 +203,27 @@ def ip_rules(host: TestHost) -> str:
     return host.run(["ip", "rule", "show"]).stdout
 
 
+def table_routes(host: TestHost, table: int = 100) -> str:
+    """Routes of policy-routing ``table`` ("" when it is empty or does not exist)."""
+    proc = host.run(["ip", "route", "show", "table", str(table)], check=False)
+    if proc.returncode and "does not exist" not in proc.stderr:
+        raise AssertionError(f"ip route show table {table}: {proc.stderr}")
+    return proc.stdout
+
+
+def wait_status(host: TestHost, pillar: dict, name: str, prefix: str, timeout: float = 30) -> str:
+    """Poll HAProxy until server ``name``'s status starts with ``prefix``; that status."""
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        with_name = servers(host, pillar).get(name)
+        status = with_name["status"] if with_name else "(absent)"
+        if status.startswith(prefix):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"{name} not {prefix} within {timeout} s: {status}")
+
+
 def mangle_output(host: TestHost) -> str:
     return host.run(["iptables", "-t", "mangle", "-S", "OUTPUT"]).stdout
 
@@ -200,9 +236,9 @@ def assert_cell_serves(host: TestHost, pillar: dict, count: int, connections: in
     """`count` replicas run and are UP, share ``connections`` clients from the
     client namespace, and each sees the client's own address (transparent
     mode), never the host's."""
+    wait_servers_up(host, pillar, replica_names(count))
     running = {n for n, c in containers(host).items() if c["state"] == "running"}
     assert set(replica_names(count)) | {"mtproxy_haproxy"} == running
-    wait_servers_up(host, pillar, replica_names(count))
     ports = [BASE_PORT + i for i in range(count)]
     peers = replica_peers(host, ports, connections=connections)
     assert sum(len(p) for p in peers.values()) == connections, peers
@@ -223,3 +259,38 @@ def unit_problems(unit, tolerated: str) -> list[str]:
         for line in (proc.stdout + proc.stderr).splitlines()
         if line.strip() and tolerated not in line and "Failed to " not in line
     ]
+
+
+class Load:
+    """test/loadgen.py in the client namespace, connect-only (the replicas are
+    real mtprotoproxy processes that wait silently for a handshake), against
+    the cell's frontend until :meth:`stop`; the report is its JSON."""
+
+    def __init__(self, host: TestHost, rate: float = RATE, long: int = LONG, hold: float = HOLD):
+        args = ["--rate", str(rate), "--long", str(long), "--no-echo", "--hold", str(hold), "--timeout", "5"]
+        target = f"{host.address}:{FRONTEND_PORT}"
+        self.proc = subprocess.Popen(
+            [*host.nsenter(client=True), sys.executable, str(LOADGEN), target, *args, "--duration", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if long:
+            line = self.proc.stderr.readline()
+            if '"ready"' not in line or json.loads(line)["long_open"] != long:
+                self.kill()
+                raise RuntimeError(f"loadgen did not get {long} long-lived connections ready: {line!r}")
+
+    def stop(self, settle: float = 0.0) -> dict:
+        """Stop it after ``settle`` seconds (for the last new connections to fail or not) and return its report."""
+        time.sleep(settle)
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=60)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"loadgen exited {self.proc.returncode}: {err[-2000:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

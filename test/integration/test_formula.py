@@ -16,6 +16,7 @@ from cell import (
     mangle_output,
     replica_names,
     servers,
+    table_routes,
     wait_servers_up,
 )
 
@@ -157,7 +158,7 @@ def test_clean_removes_everything_of_ours(cell):
     assert containers(host) == {}
     assert "lookup 100" not in ip_rules(host)
     assert "mtproxy" not in mangle_output(host)
-    assert host.run(["ip", "route", "show", "table", "100"], check=False).stdout.strip() == ""
+    assert table_routes(host).strip() == ""
     assert not (host.workdir / "etc-mtproxy").exists()
     assert not (host.workdir / "run-mtproxy").exists()
     assert not (host.workdir / "sysctl.d" / "90-mtproxy.conf").exists()

@@ -28,6 +28,7 @@ from cell import (
     ip_rules,
     mangle_output,
     replica_names,
+    table_routes,
     wait_servers_up,
 )
 
@@ -66,7 +67,7 @@ def replica_logs(host, since: float = 0) -> str:
 def our_rules(host) -> list[str]:
     rules = [line for line in ip_rules(host).splitlines() if "proto 201" in line or "lookup 100" in line]
     rules += [line for line in mangle_output(host).splitlines() if "mtproxy" in line]
-    rules += host.run(["ip", "route", "show", "table", "100"]).stdout.splitlines()
+    rules += table_routes(host).splitlines()
     return rules
 
 

@@ -20,7 +20,16 @@ import time
 from datetime import datetime
 
 import pytest
-from cell import FRONTEND_PORT, apply, assert_cell_serves, cell_pillar, ip_rules, mangle_output, unit_problems
+from cell import (
+    FRONTEND_PORT,
+    apply,
+    assert_cell_serves,
+    cell_pillar,
+    ip_rules,
+    mangle_output,
+    table_routes,
+    unit_problems,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -142,10 +151,6 @@ class Watchdog:
                 raise AssertionError("watchdog ignored SIGTERM") from None
         assert self.proc.returncode == 0, self.log.read_text()
         assert "tproxy watch: stopped" in self.log.read_text()
-
-
-def table_routes(host) -> str:
-    return host.run(["ip", "route", "show", "table", "100"]).stdout
 
 
 def our_rules(host) -> list[str]:

@@ -17,70 +17,27 @@ Measured numbers are printed (run with ``-s``), never asserted as timings.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from cell import FRONTEND_PORT, apply, cell_pillar, changed, containers, servers, wait_servers_up
+from cell import (
+    HOLD,
+    LONG,
+    Load,
+    apply,
+    changed,
+    containers,
+    held_clients_pillar,
+    servers,
+    wait_servers_up,
+    wait_status,
+)
 
 pytestmark = pytest.mark.integration
 
-LOADGEN = Path(__file__).resolve().parents[1] / "loadgen.py"
-RATE = 20
-LONG = 40
-HOLD = 4.0
 KILLS = ("mtproxy_1", "mtproxy_2", "mtproxy_1")
-
-
-def zero_drop_pillar(host, **overrides):
-    return cell_pillar(host, handshake_timeout=3600, drain_timeout=5, **overrides)
-
-
-class Load:
-    """loadgen in the client namespace until :meth:`stop`; the report is its JSON."""
-
-    def __init__(self, host, rate: float = RATE, long: int = LONG):
-        self.proc = subprocess.Popen(
-            [
-                *host.nsenter(client=True),
-                sys.executable,
-                str(LOADGEN),
-                f"{host.address}:{FRONTEND_PORT}",
-                "--rate",
-                str(rate),
-                "--long",
-                str(long),
-                "--no-echo",
-                "--hold",
-                str(HOLD),
-                "--timeout",
-                "5",
-                "--duration",
-                "0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        if long:
-            line = self.proc.stderr.readline()
-            assert '"ready"' in line, f"loadgen did not get ready: {line!r}"
-            assert json.loads(line)["long_open"] == long, line
-
-    def stop(self) -> dict:
-        self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, err
-        return json.loads(out.strip().splitlines()[-1])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 def container_info(host, name: str) -> dict:
@@ -89,21 +46,9 @@ def container_info(host, name: str) -> dict:
     return {**json.loads(state), "RestartCount": int(restarts)}
 
 
-def wait_status(host, pillar, name: str, prefix: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    status = ""
-    while time.monotonic() < deadline:
-        with_name = servers(host, pillar).get(name)
-        status = with_name["status"] if with_name else "(absent)"
-        if status.startswith(prefix):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"{name} not {prefix} within {timeout} s: {status}")
-
-
 @pytest.fixture(scope="module")
 def cell(testhost):
-    pillar = zero_drop_pillar(testhost)
+    pillar = held_clients_pillar(testhost)
     apply(testhost, pillar)
     wait_servers_up(testhost, pillar, ["mtproxy_1", "mtproxy_2"])
     return testhost, pillar
@@ -174,15 +119,23 @@ class ServerWatch:
         self.fewest_up: int | None = None
         self.polls = 0
         self.drain_stot: dict[str, list[int]] = {}
+        self.error: BaseException | None = None
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        try:
+            self._poll()
+        except BaseException as exc:  # stop() re-raises it: a dead watcher must not pass quietly
+            self.error = exc
+
+    def _poll(self) -> None:
         while not self.done.is_set():
             try:
                 rows = servers(self.host, self.pillar)
             except (subprocess.SubprocessError, OSError):
+                time.sleep(0.05)
                 continue  # a socket mid-reload: the next poll tells
             up = sum(1 for row in rows.values() if row["status"] == "UP")
             self.fewest_up = up if self.fewest_up is None else min(self.fewest_up, up)
@@ -196,14 +149,16 @@ class ServerWatch:
     def stop(self) -> None:
         self.done.set()
         self.thread.join(timeout=10)
+        if self.error:
+            raise self.error
 
 
 def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
     host, _ = cell
-    four = zero_drop_pillar(host, replicas=4)
+    four = held_clients_pillar(host, replicas=4)
     apply(host, four)
     wait_servers_up(host, four, ["mtproxy_1", "mtproxy_2", "mtproxy_3", "mtproxy_4"])
-    two = zero_drop_pillar(host, replicas=2)
+    two = held_clients_pillar(host, replicas=2)
     load = Load(host)
     watch = None
     try:
@@ -262,11 +217,11 @@ def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
 
 def test_option_change_replaces_replicas_one_at_a_time_under_load(cell):
     host, _ = cell
-    two = zero_drop_pillar(host, replicas=2)
+    two = held_clients_pillar(host, replicas=2)
     apply(host, two)
     wait_servers_up(host, two, ["mtproxy_1", "mtproxy_2"])
     ids_before = {name: info["id"] for name, info in containers(host).items()}
-    changed_env = zero_drop_pillar(host, replicas=2, replica_environment={"ZERO_DROP": "1"})
+    changed_env = held_clients_pillar(host, replicas=2, replica_environment={"ZERO_DROP": "1"})
     load = Load(host)
     watch = ServerWatch(host, two)
     try:
@@ -303,6 +258,8 @@ def test_option_change_replaces_replicas_one_at_a_time_under_load(cell):
     ]
     assert order == sorted(order)
     assert watch.polls > 0 and watch.fewest_up >= 1
+    # The watcher saw the rollout itself: both replicas in DRAIN at some poll.
+    assert {"mtproxy_1", "mtproxy_2"} <= set(watch.drain_stot), watch.drain_stot
     assert report["new"]["attempted"] > 0
     assert report["new"]["failed"] == 0, report["new"]
     wait_servers_up(host, changed_env, ["mtproxy_1", "mtproxy_2"])
@@ -313,7 +270,7 @@ def test_config_changing_applies_under_load_keep_every_connection(cell):
     """10 applies that each change the HAProxy config (balance toggled): each
     reloads HAProxy; no new connection fails and every long-lived one survives."""
     host, _ = cell
-    pillars = [zero_drop_pillar(host, replicas=2, haproxy={"balance": b}) for b in ("roundrobin", "leastconn")]
+    pillars = [held_clients_pillar(host, replicas=2, haproxy={"balance": b}) for b in ("roundrobin", "leastconn")]
     apply(host, pillars[1])
     wait_servers_up(host, pillars[1], ["mtproxy_1", "mtproxy_2"])
     haproxy_id = containers(host)["mtproxy_haproxy"]["id"]
