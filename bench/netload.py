@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
-import os
 import signal
 import socket
 import sys
@@ -37,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadgen import ClientUsage, LoadGen, raise_nofile
+from mtproto import handshake
 
 from bench.stats import summary
 
@@ -44,24 +43,6 @@ from bench.stats import summary
 GREETING = b"H"
 # A client "near saturation": its numbers are then a floor, not the cell's.
 SATURATED_CPU_PERCENT = 85.0
-
-
-def mtproto_handshake(secret_hex: str, dc: int = 2) -> bytes:
-    """A client's 64-byte obfuscated2 handshake for ``secret_hex`` (padded/secure
-    protocol tag, what a ``dd`` link uses), as mtprotoproxy checks it."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-    while True:
-        init = bytearray(os.urandom(64))
-        # Reserved starts that a proxy takes for other protocols.
-        if init[0] != 0xEF and init[4:8] != b"\0\0\0\0" and bytes(init[:4]) not in (b"HEAD", b"POST", b"GET "):
-            break
-    init[56:60] = b"\xdd\xdd\xdd\xdd"
-    init[60:62] = dc.to_bytes(2, "little", signed=True)
-    key = hashlib.sha256(bytes(init[8:40]) + bytes.fromhex(secret_hex)).digest()
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(init[40:56]))).encryptor()
-    encrypted = encryptor.update(bytes(init)) + encryptor.finalize()
-    return bytes(init[:56]) + encrypted[56:64]
 
 
 class Timed:
@@ -133,7 +114,7 @@ async def open_loop(host: str, port: int, duration: float, rate: float, timeout:
     tasks: set[asyncio.Task] = set()
 
     async def one() -> None:
-        payload = mtproto_handshake(secret) if secret else None
+        payload = handshake(secret) if secret else None
         try:
             timed.latencies.append(await first_answer(host, port, timeout, payload))
         except (OSError, TimeoutError, ConnectionError) as exc:

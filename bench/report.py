@@ -66,15 +66,7 @@ def splice_decision(wins: bool, defaults: dict) -> str:
     default = f"`haproxy:splice: {str(defaults.get('splice')).lower()}`"
     if not wins:
         return f"Splice does not win {rule}; the formula's default is {default}."
-    if defaults.get("splice"):
-        return f"**Splice wins** {rule}: the formula's default is {default}."
-    return (
-        f"**Splice wins** {rule}, but the formula's default stays {default}: with splice HAProxy also keeps "
-        f"maxconn/4 pipes of two descriptors each, so at the default `maxconn {defaults.get('maxconn')}` it needs "
-        "20057 descriptors and refuses to start (`Cannot raise FD limit to 20057, limit is 20000`, seen on this "
-        "machine, whose containers inherit a 20000 limit; this bench runs both variants at `maxconn 7500`). "
-        "Turning it on by default needs a default maxconn that fits the limit with the pipes (or `maxpipes`)."
-    )
+    return f"**Splice wins** {rule}; the formula's default is {default}."
 
 
 def saturation_note(section: dict) -> list[str]:

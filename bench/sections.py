@@ -16,14 +16,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cell import BASE_PORT, FRONTEND_PORT, apply, cell_pillar, changed, replica_names, servers, wait_servers_up
+from cell import (
+    BASE_PORT,
+    FRONTEND_PORT,
+    HOLD,
+    Load,
+    admin_socket,
+    apply,
+    changed,
+    held_clients_pillar,
+    replica_names,
+    servers,
+    show_stat,
+    wait_servers_up,
+)
 from testhost import TestHost
 
 from bench.stats import ratio, summary
 
 BENCH = Path(__file__).resolve().parent
 NETLOAD = BENCH / "netload.py"
-LOADGEN = BENCH.parent / "test" / "loadgen.py"
 BACKEND_IMAGE = "mtproxy-formula/bench-backend:local"
 # bench/backend.py also listens here: outside the return-path rules, so a
 # client reaches it directly (the data path's baseline).
@@ -32,8 +44,6 @@ DIRECT_OFFSET = 1000
 # on it); below the default, as when this bench first compared splice without
 # the formula's maxpipes.
 DATAPATH_MAXCONN = 7500
-# Sections 3 and 4: the zero-drop tests' load (test/integration/test_zero_drop.py).
-RATE, LONG, HOLD = 20, 40, 4.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -124,8 +134,7 @@ class Cell:
         self.frontend = f"{host.address}:{FRONTEND_PORT}"
 
     def pillar(self, **overrides) -> dict:
-        # Real mtprotoproxy replicas keep silent clients for the handshake timeout.
-        return cell_pillar(self.host, secret=self.secret, handshake_timeout=3600, drain_timeout=5, **overrides)
+        return held_clients_pillar(self.host, secret=self.secret, **overrides)
 
     def deploy(self, pillar: dict) -> float:
         """Apply ``pillar`` and wait until every replica is UP; the apply's wall time."""
@@ -153,38 +162,6 @@ class Cell:
         only, widen the ephemeral port range and let connect() reuse them."""
         for run in (self.host.run, self.host.client_run):
             run(["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000", "net.ipv4.tcp_tw_reuse=1"])
-
-
-class Load:
-    """test/loadgen.py in the client namespace (connect-only, as the zero-drop tests run it) until :meth:`stop`."""
-
-    def __init__(self, cell: Cell, rate: float = RATE, long: int = LONG):
-        args = ["--rate", str(rate), "--long", str(long), "--no-echo", "--hold", str(HOLD), "--timeout", "5"]
-        self.proc = subprocess.Popen(
-            cell.client_cmd(LOADGEN, cell.frontend, *args, "--duration", "0"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        if long:
-            line = self.proc.stderr.readline()
-            if '"ready"' not in line:
-                self.proc.kill()
-                raise RuntimeError(f"loadgen did not get ready: {line!r}")
-
-    def stop(self) -> dict:
-        """Stop it (after the last new connections had time to fail) and return its report."""
-        time.sleep(HOLD + 0.5)
-        self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=60)
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"loadgen exited {self.proc.returncode}: {err[-2000:]}")
-        return json.loads(out.strip().splitlines()[-1])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 def load_summary(report: dict) -> dict:
@@ -339,10 +316,7 @@ def open_files_limit(pid: int) -> int:
 
 
 def frontend_sessions(cell: Cell, pillar: dict) -> int:
-    from cell import show_stat
-
-    admin = pillar["mtproxy"]["run_dir"] + "/haproxy/admin.sock"
-    rows = show_stat(cell.host, admin)
+    rows = show_stat(cell.host, admin_socket(pillar))
     return next(int(r["scur"]) for r in rows if r["pxname"] == "mtproxy" and r["svname"] == "FRONTEND")
 
 
@@ -442,7 +416,7 @@ def seen_down(cell: Cell, pillar: dict, name: str, timeout: float) -> float | No
         try:
             row = servers(cell.host, pillar).get(name)
         except (subprocess.SubprocessError, OSError):
-            continue
+            row = None  # the socket is busy or reloading: try again
         if row and row["status"].startswith("DOWN"):
             return time.monotonic()
         time.sleep(0.02)
@@ -503,14 +477,15 @@ def failover(cell: Cell) -> dict:
         pillar = cell.pillar(haproxy=haproxy)
         cell.deploy(pillar)
         kills = []
-        load = Load(cell)
+        load = Load(cell.host)
         try:
             for kind, restart in KILL_KINDS.items():
                 for i in range(cell.plan.kills):
                     time.sleep(1.5)  # leastconn spreads the long-lived clients again
                     kills.append({"kind": kind, **kill_replica(cell, pillar, names[i % 2], restart)})
                     cell.log(f"failover {name}, {kind}: kill {i + 1}: DOWN after {kills[-1]['down_s']} s")
-            report = load.stop()
+            # The last new connections get HOLD s to fail (or not) before the report.
+            report = load.stop(settle=HOLD + 0.5)
         finally:
             load.kill()
         attribute_failures(kills, report["new"]["failed_started"], report["new"]["failed_at"])
@@ -543,12 +518,13 @@ def operations(cell: Cell) -> dict:
 
     def under_load(label: str, action: Callable[[], dict]) -> None:
         cell.log(f"operations: {label}")
-        load = Load(cell)
+        load = Load(cell.host)
         try:
             start = time.monotonic()
             detail = action()
             took = time.monotonic() - start
-            report = load.stop()
+            # The last new connections get HOLD s to fail (or not) before the report.
+            report = load.stop(settle=HOLD + 0.5)
         finally:
             load.kill()
         out[label] = {"seconds": round(took, 1), **detail, **load_summary(report)}
