@@ -181,6 +181,8 @@ def replica(cell: dict, replica: dict) -> dict[str, Any]:
         "config_file": f"{replica['config_dir']}/{CONFIG_NAMES[flavor]}",
         "config": config,
         "reload_signal": reload_signal,
+        # More docker_container.running arguments (hardening, limits).
+        "container_options": {},
     }
 
 

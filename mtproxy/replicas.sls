@@ -58,6 +58,10 @@ Replica {{ replica.name }} is running on port {{ replica.port }}:
     # Flavors that cannot reload carry their config's digest here: a config
     # change replaces the container, drained first like an image change.
     - labels: {{ spec.labels | json }}
+    # Hardening and limits of this flavor (mtproxy_flavor.replica).
+{%-   for option, value in spec.container_options | dictsort %}
+    - {{ option }}: {{ value | json }}
+{%-   endfor %}
 {%-   if spec.reload_signal %}
     # The replica re-reads its config on this signal: no restart, no drop.
     - watch_action: {{ spec.reload_signal }}
@@ -72,7 +76,7 @@ Replica {{ replica.name }} is running on port {{ replica.port }}:
 
 # A crash-looping container can look running at the instant Docker is asked.
 Replica {{ replica.name }} accepts connections on port {{ replica.port }}:
-  mtproxy.replica_serving:
+  mtproxy.serving:
     - name: {{ replica.name }}
     - address: {{ mtproxy.backend_address }}
     - port: {{ replica.port }}
