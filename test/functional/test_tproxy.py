@@ -531,7 +531,7 @@ def test_datapath_backends_see_the_client(cell, datapath, method, backend):
 
 
 def test_datapath_mark_does_not_reach_loopback_backends(cell, datapath):
-    """DESIGN.md §2: a 127.0.0.1 source is routed before mangle OUTPUT marks it; method sport is the fix."""
+    """docs/measurements.md §2: a 127.0.0.1 source is routed before mangle OUTPUT marks it; method sport is the fix."""
     datapath.start("127.0.0.1", [4431, 4432])
     assert cell.present(ports=[4431, 4432], method="mark")["result"] is True
     assert datapath.connect(1) == ["EMPTY"]
