@@ -109,6 +109,7 @@ def test_mtg_gets_a_toml_file_with_its_fake_tls_secret(client_ip):
         "secret": "ee" + SECRET + DOMAIN.encode().hex(),
         "bind-to": "203.0.113.10:4432",
         "proxy-protocol-listener": client_ip == "proxy_protocol",
+        "concurrency": (16384 - 64) // 2,
     }
     backend = haproxy_backend(resolved)
     assert ("source 0.0.0.0 usesrc clientip" in backend) == (client_ip == "tproxy")
@@ -130,36 +131,40 @@ def test_official_runs_the_wrapper_with_its_environment():
     spec = replica_spec(resolved, 1)
     assert spec["image"] == "telegrammessenger/proxy:latest"
     assert spec["entrypoint"] == "/bin/sh" and spec["command"] == "/etc/mtproxy-formula/run.sh"
-    assert spec["environment"] == {
-        "WORKERS": "4",
-        "SECRET": f"{SECRET},{SECOND}",
-        "TAG": AD_TAG,
-        "PORT": "4432",
-        "STATS_PORT": "14432",
-    }
+    # No secret and no tag in the environment: docker inspect and the state's changes show it.
+    assert spec["environment"] == {"WORKERS": "4", "PORT": "4432", "STATS_PORT": "14432"}
+    replica_dir = f"{resolved['config_dir']}/replicas/mtproxy_2"
+    assert spec["binds"] == [f"{replica_dir}:/etc/mtproxy-formula:ro", f"{replica_dir}/data:/data:rw"]
     assert any(label.startswith("mtproxy-formula.config=") for label in spec["labels"])
     assert "source 0.0.0.0 usesrc clientip" in haproxy_backend(resolved)
 
 
-def test_official_wrapper_passes_port_secrets_and_tag_to_mtproto_proxy(tmp_path):
-    """The wrapper, run by sh with curl and mtproto-proxy replaced by stubs
-    that record their arguments."""
-    (tmp_path / "bin").mkdir()
+def run_wrapper(tmp_path, spec: dict, nofile: int) -> subprocess.CompletedProcess:
+    """The rendered wrapper, run by sh under ``ulimit -n nofile``, with curl and
+    mtproto-proxy replaced by stubs; the mtproto-proxy stub records its argv
+    (in ``args``) and the wrapper's own (``wrapper-argv``, from /proc)."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
     (tmp_path / "bin" / "curl").write_text('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\necho data > "$2"\n')
-    (tmp_path / "bin" / "mtproto-proxy").write_text('#!/bin/sh\necho "$@" > "$ARGS"\n')
+    (tmp_path / "bin" / "mtproto-proxy").write_text(
+        '#!/bin/sh\necho "$@" > "$ARGS"\ntr "\\0" " " < /proc/$PPID/cmdline > "$ARGS.parent"\n'
+    )
     for stub in (tmp_path / "bin").iterdir():
         stub.chmod(0o755)
-    wrapper = flavors.OFFICIAL_WRAPPER.replace("data=/data", f"data={tmp_path}/data").replace(
-        "/usr/local/bin/mtproto-proxy", str(tmp_path / "bin" / "mtproto-proxy")
-    )
-    environment = replica_spec(cell(flavor="official", extra_secrets=[SECOND], ad_tag=AD_TAG))["environment"]
-    run = subprocess.run(
-        ["sh", "-c", wrapper],
-        env={**environment, "PATH": f"{tmp_path}/bin:/usr/bin:/bin", "ARGS": str(tmp_path / "args")},
+    wrapper = spec["config"].replace("data=/data", f"data={tmp_path}/data")
+    wrapper = wrapper.replace("exec /usr/local/bin/mtproto-proxy", f"{tmp_path}/bin/mtproto-proxy")
+    (tmp_path / "run.sh").write_text(wrapper)
+    return subprocess.run(
+        ["sh", "-c", f'ulimit -n {nofile} && exec sh "$0"', str(tmp_path / "run.sh")],
+        env={**spec["environment"], "PATH": f"{tmp_path}/bin:/usr/bin:/bin", "ARGS": str(tmp_path / "args")},
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_official_wrapper_passes_port_secrets_and_tag_to_mtproto_proxy(tmp_path):
+    spec = replica_spec(cell(flavor="official", extra_secrets=[SECOND], ad_tag=AD_TAG))
+    run = run_wrapper(tmp_path, spec, nofile=4096)
     assert run.returncode == 0, run.stderr
     args = (tmp_path / "args").read_text().split()
     assert args[args.index("-H") + 1] == "4431" and args[args.index("-p") + 1] == "14431"
@@ -167,6 +172,97 @@ def test_official_wrapper_passes_port_secrets_and_tag_to_mtproto_proxy(tmp_path)
     assert args[args.index("-P") + 1] == AD_TAG and args[args.index("-M") + 1] == "1"
     assert args[-1] == f"{tmp_path}/data/proxy-multi.conf"
     assert os.path.getsize(tmp_path / "data" / "proxy-secret") > 0
+    # The wrapper's own command line (what ps shows for it) names its file only.
+    wrapper_argv = (tmp_path / "args.parent").read_text()
+    assert wrapper_argv.split() == ["sh", str(tmp_path / "run.sh")]
+
+
+@pytest.mark.parametrize(("nofile", "connections"), [(1024, 960), (16384, 16320), (20000, 19936)])
+def test_official_wrapper_sizes_max_connections_from_the_open_files_limit(tmp_path, nofile, connections):
+    """mtproto-proxy's default -c 65536 needs 65552 open files ("cannot raise open
+    file limit"): the wrapper leaves it a margin below the limit it really has."""
+    run = run_wrapper(tmp_path, replica_spec(cell(flavor="official")), nofile=nofile)
+    assert run.returncode == 0, run.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert int(args[args.index("-c") + 1]) == connections
+    assert connections + 16 <= nofile
+
+
+def test_official_wrapper_takes_max_connections_from_the_pillar(tmp_path):
+    spec = replica_spec(cell(flavor="official", max_connections=5000))
+    run = run_wrapper(tmp_path, spec, nofile=16384)
+    assert run.returncode == 0, run.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("-c") + 1] == "5000"
+    # Under a lower limit than the pillar planned for, a clear error, not mtproto-proxy's.
+    run = run_wrapper(tmp_path, spec, nofile=1024)
+    assert run.returncode == 1
+    assert "max connections 5000 need 5064 open files; the container's limit is 1024" in run.stderr
+    assert "mtproxy:replica_limits:nofile" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"flavor": "official", "max_connections": 16384}, "a official replica needs 1 open file(s)"),
+        ({"flavor": "mtg", "tls_domain": DOMAIN, "max_connections": 9000}, "a mtg replica needs 2 open file(s)"),
+        ({"max_connections": 100}, "mtprotoproxy has no connection limit"),
+    ],
+    ids=["official-above-nofile", "mtg-above-nofile", "mtprotoproxy-has-none"],
+)
+def test_a_max_connections_the_limit_cannot_carry_is_refused(changes, message):
+    resolved = cell(**changes)
+    with pytest.raises(flavors.CommandExecutionError, match="Pillar mtproxy:max_connections is") as error:
+        replica_spec(resolved)
+    assert message in str(error.value)
+
+
+def test_mtg_concurrency_follows_the_open_files_limit():
+    derived = tomllib.loads(replica_spec(cell(flavor="mtg", tls_domain=DOMAIN))["config"])
+    assert derived["concurrency"] == (16384 - 64) // 2
+    chosen = tomllib.loads(replica_spec(cell(flavor="mtg", tls_domain=DOMAIN, max_connections=3000))["config"])
+    assert chosen["concurrency"] == 3000
+
+
+FLAVORS = [
+    {"flavor": "mtprotoproxy", "extra_secrets": [SECOND], "ad_tag": AD_TAG, "tls_domain": DOMAIN},
+    {"flavor": "official", "extra_secrets": [SECOND], "ad_tag": AD_TAG},
+    {"flavor": "mtg", "tls_domain": DOMAIN},
+]
+
+
+@pytest.mark.parametrize("changes", FLAVORS, ids=[f["flavor"] for f in FLAVORS])
+def test_every_flavor_runs_hardened_like_haproxy(changes):
+    spec = replica_spec(cell(**changes))
+    options = spec["container_options"]
+    assert options["cap_drop"] == ["ALL"] and options["security_opt"] == ["no-new-privileges"]
+    assert options.get("cap_add", []) == {"official": ["SETGID"]}.get(changes["flavor"], [])
+    assert options["pids_limit"] == 512 and options["mem_limit"] == 512 * 1024 * 1024
+    assert options["ulimits"] == ["nofile=16384:16384"]
+    assert options["read_only"] is True
+
+
+def test_limits_come_from_the_pillar_and_low_ports_get_their_capability():
+    limits = {"pids": 100, "memory": 64 * 1024 * 1024, "nofile": 4096, "read_only": False}
+    resolved = cell(base_port=443)
+    resolved["replica_limits"] = limits
+    options = replica_spec(resolved)["container_options"]
+    assert options["pids_limit"] == 100 and options["mem_limit"] == 64 * 1024 * 1024
+    assert options["ulimits"] == ["nofile=4096:4096"] and options["read_only"] is False
+    assert options["cap_add"] == ["NET_BIND_SERVICE"]
+
+
+@pytest.mark.parametrize("changes", FLAVORS, ids=[f["flavor"] for f in FLAVORS])
+def test_no_secret_outside_the_config_text(changes):
+    """The config file is written 0600 without a diff; everything else of the
+    spec reaches docker inspect or the state output."""
+    resolved = cell(**changes)
+    spec = replica_spec(resolved)
+    visible = {key: value for key, value in spec.items() if key != "config"}
+    for secret in resolved["secrets"]:
+        assert secret not in repr(visible)
+        # Not even the forms clients use (dd..., ee...) or an upper-case copy.
+        assert secret.upper() not in repr(visible).upper()
 
 
 def test_links_follow_the_client_formats_for_every_secret_and_mode():
