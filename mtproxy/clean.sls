@@ -7,8 +7,8 @@
 # secret (secret_file, so a redeploy keeps its links) stay.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
-{%- set replicas = (salt['mtproxy.existing_replicas']() + mtproxy.replica_list | map(attribute='name') | list)
-                   | unique %}
+{%- set existing = salt['mtproxy.existing_replicas']() | map(attribute='name') | list %}
+{%- set replicas = (existing + mtproxy.replica_list | map(attribute='name') | list) | unique %}
 
 include:
   - .return_path.clean

@@ -5,7 +5,8 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 {%- set haproxy = mtproxy.haproxy %}
-{%- set existing = salt['mtproxy.existing_replicas']() %}
+{%- set existing = salt['mtproxy.existing_replicas'](mtproxy.base_port, mtproxy.backend_address)
+                   | map(attribute='name') | list %}
 {%- set wanted = mtproxy.replica_list | map(attribute='name') | list %}
 {#- The HAProxy config has no business with the secrets. #}
 {%- set cell = mtproxy.copy() %}
@@ -39,6 +40,12 @@ HAProxy config is valid and in place:
     - check_cmd: {{ salt['haproxy_runtime.check_cmd'](image=haproxy.image, docker_host=mtproxy.docker_host or None) | json }}
     - context:
         mtproxy: {{ cell | json }}
+    # Live only once every replica listens where it says (after the rollout):
+    # a rollout that stops leaves HAProxy on the ports that still serve.
+    - require:
+{%- for replica in mtproxy.replica_list %}
+      - mtproxy: Replica {{ replica.name }} is back in HAProxy
+{%- endfor %}
 
 HAProxy container is running:
   docker_container.running:
@@ -86,20 +93,36 @@ Extra replica {{ name }} is drained:
     - require:
       - docker_container: HAProxy container is running
     - require_in:
-      - module: HAProxy reloads gracefully when its config changes
+      - haproxy_runtime: HAProxy reloads gracefully when its config changes
 {%- endfor %}
 
+# Reloads whenever HAProxy may not run the file as it is: the file differs
+# from the one of its last confirmed reload (loaded.json), or HAProxy was
+# restarted since. A reload that fails fails here, and the next apply retries it.
 HAProxy reloads gracefully when its config changes:
-  module.run:
-    - haproxy_runtime.reload:
-      - master_socket: {{ haproxy.master_socket }}
-      - admin_socket: {{ haproxy.admin_socket }}
-      - state_file: {{ haproxy.state_file }}
-      - timeout: {{ haproxy.reload_timeout }}
-    - onchanges:
+  haproxy_runtime.config_loaded:
+    - name: {{ haproxy.config_file }}
+    - master_socket: {{ haproxy.master_socket }}
+    - admin_socket: {{ haproxy.admin_socket }}
+    - state_file: {{ haproxy.state_file }}
+    - record: {{ haproxy.run_dir }}/loaded.json
+    - timeout: {{ haproxy.reload_timeout }}
+    # watch: under test=True, a change of either says a reload would follow.
+    - watch:
       - file: HAProxy config is valid and in place
-    - require:
       - docker_container: HAProxy container is running
+
+{#- A wildcard bind is checked on loopback. #}
+{%- set frontend_check = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(haproxy.frontend_bind, haproxy.frontend_bind) %}
+
+# Like the replicas: a container that crash-loops can look running.
+HAProxy frontend accepts connections:
+  mtproxy.serving:
+    - name: {{ haproxy.container }}
+    - address: {{ frontend_check | json }}
+    - port: {{ haproxy.frontend_port }}
+    - require:
+      - haproxy_runtime: HAProxy reloads gracefully when its config changes
 
 {%- for name in existing if name not in wanted %}
 
@@ -108,7 +131,7 @@ Extra replica {{ name }} is removed:
     - name: {{ name }}
     - force: true
     - require:
-      - module: HAProxy reloads gracefully when its config changes
+      - haproxy_runtime: HAProxy reloads gracefully when its config changes
 
 Config of extra replica {{ name }} is removed:
   file.absent:
@@ -128,7 +151,7 @@ Return path covers exactly the replica ports:
     - table: {{ mtproxy.tproxy.table }}
     - family: {{ mtproxy.tproxy.family }}
     - require:
-      - module: HAProxy reloads gracefully when its config changes
+      - haproxy_runtime: HAProxy reloads gracefully when its config changes
 {%- for name in existing if name not in wanted %}
       - docker_container: Extra replica {{ name }} is removed
 {%- endfor %}

@@ -6,14 +6,12 @@
 # transparent-mode apply left is removed.
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
-{%- set existing = salt['mtproxy.existing_replicas']() %}
-{#- Until the extra replicas are gone (haproxy.sls), their ports stay routed:
-    their clients must not lose the return path. #}
-{%- set ports = mtproxy.ports[:] %}
-{%- for name in existing %}
-{%-   do ports.append(mtproxy.base_port - 1 + name[8:] | int) %}
-{%- endfor %}
-{%- set ports = ports | unique | sort %}
+{%- set existing = salt['mtproxy.existing_replicas'](mtproxy.base_port, mtproxy.backend_address) %}
+{#- The new ports before any replica listens there, and the ports existing
+    replicas really listen on (their labels) until they are gone: a replica
+    moving to a new port, or an extra one until haproxy.sls removes it, never
+    loses its clients' replies. haproxy.sls narrows it at the end. #}
+{%- set ports = salt['mtproxy.return_path_ports'](mtproxy, existing) %}
 
 include:
   - .boot

@@ -5,11 +5,18 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 
+{%- set existing = salt['mtproxy.existing_replicas'](mtproxy.base_port, mtproxy.backend_address) %}
+{#- One at a time, in an order where no replica's new port is still taken by
+    another (a refused port change fails the render here). #}
+{%- set rollout = salt['mtproxy.rollout'](mtproxy, existing) %}
+
 include:
   - .host
 
-{%- for replica in mtproxy.replica_list %}
+{%- for replica in rollout %}
 {%-   set spec = salt['mtproxy_flavor.replica'](mtproxy, replica) %}
+{#-   Where it listens, as a label: a new port or address replaces it (drained). #}
+{%-   do spec.labels.append(salt['mtproxy.listen_label'](mtproxy.backend_address, replica.port)) %}
 
 Replica {{ replica.name }} has its config:
   file.managed:
@@ -23,8 +30,10 @@ Replica {{ replica.name }} has its config:
     # The file holds the secret: never print it.
     - show_changes: false
 
-# A change that replaces the container (image, options) drains it first and
-# waits until it is UP again: one replica at a time, never all capacity.
+# A change that replaces the container (image, options, port, address)
+# drains it first and waits until it serves and is UP again: one replica at
+# a time, never all capacity. A replica that does not come back stops the
+# rollout: the next ones keep running as they are.
 Replica {{ replica.name }} is drained before it is replaced:
   module.run:
     - haproxy_runtime.drain:
@@ -38,7 +47,7 @@ Replica {{ replica.name }} is drained before it is replaced:
       - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
 {%- if not loop.first %}
     - require:
-      - module: Replica {{ loop.previtem.name }} is back in HAProxy
+      - mtproxy: Replica {{ loop.previtem.name }} is back in HAProxy
 {%- endif %}
 
 Replica {{ replica.name }} is running on port {{ replica.port }}:
@@ -73,6 +82,10 @@ Replica {{ replica.name }} is running on port {{ replica.port }}:
 {%-   if mtproxy.client_ip == 'tproxy' %}
       - tproxy: Replica replies are routed back to HAProxy
 {%-   endif %}
+{%-   if not loop.first %}
+      # The rollout stops at a replica that does not come back.
+      - mtproxy: Replica {{ loop.previtem.name }} is back in HAProxy
+{%-   endif %}
 
 # A crash-looping container can look running at the instant Docker is asked.
 Replica {{ replica.name }} accepts connections on port {{ replica.port }}:
@@ -83,17 +96,18 @@ Replica {{ replica.name }} accepts connections on port {{ replica.port }}:
     - require:
       - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
 
+# At its new address and port (HAProxy's config gets them after the whole
+# rollout), ready, UP. Also after a drain that replaced nothing.
 Replica {{ replica.name }} is back in HAProxy:
-  module.run:
-    - haproxy_runtime.ready:
-      - backend: {{ mtproxy.haproxy.backend }}
-      - server: {{ replica.name }}
-      - timeout: {{ mtproxy.haproxy.reload_timeout }}
-      - master_socket: {{ mtproxy.haproxy.master_socket }}
-      - admin_socket: {{ mtproxy.haproxy.admin_socket }}
-      - missing_ok: true
-    # Also after a drain that replaced nothing: a drained server never stays so.
-    - onchanges:
-      - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
+  mtproxy.in_haproxy:
+    - name: {{ replica.name }}
+    - backend: {{ mtproxy.haproxy.backend }}
+    - address: {{ mtproxy.backend_address }}
+    - port: {{ replica.port }}
+    - timeout: {{ mtproxy.haproxy.reload_timeout }}
+    - master_socket: {{ mtproxy.haproxy.master_socket }}
+    - admin_socket: {{ mtproxy.haproxy.admin_socket }}
+    - require:
+      - mtproxy: Replica {{ replica.name }} accepts connections on port {{ replica.port }}
       - module: Replica {{ replica.name }} is drained before it is replaced
 {%- endfor %}

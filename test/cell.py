@@ -232,14 +232,16 @@ def replica_names(count: int) -> list[str]:
     return [f"mtproxy_{i}" for i in range(1, count + 1)]
 
 
-def assert_cell_serves(host: TestHost, pillar: dict, count: int, connections: int = 20) -> None:
+def assert_cell_serves(
+    host: TestHost, pillar: dict, count: int, connections: int = 20, base_port: int = BASE_PORT
+) -> None:
     """`count` replicas run and are UP, share ``connections`` clients from the
     client namespace, and each sees the client's own address (transparent
     mode), never the host's."""
     wait_servers_up(host, pillar, replica_names(count))
     running = {n for n, c in containers(host).items() if c["state"] == "running"}
     assert set(replica_names(count)) | {"mtproxy_haproxy"} == running
-    ports = [BASE_PORT + i for i in range(count)]
+    ports = [base_port + i for i in range(count)]
     peers = replica_peers(host, ports, connections=connections)
     assert sum(len(p) for p in peers.values()) == connections, peers
     for port in ports:
