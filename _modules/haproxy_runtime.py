@@ -535,6 +535,38 @@ def set_state(
     return {"server": f"{backend}/{server}", "state": state, "status": now["status"]}
 
 
+def set_address(
+    backend: str,
+    server: str,
+    address: str,
+    port: int,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+) -> dict[str, Any]:
+    """
+    Point a server at ``address:port`` at run time (``set server be/srv addr
+    A port P``), e.g. a replica that now listens elsewhere. Its health checks
+    follow. Lasts until the next reload, which reads the address from the
+    configuration again: write the same one there.
+
+    Returns ``{'server': 'be/srv', 'addr': <address:port now>, 'reply': <HAProxy's answer>}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.set_address mtproxy_replicas mtproxy_1 192.0.2.10 6101
+    """
+    command = f"set server {backend}/{server} addr {address} port {int(port)}"
+    reply = _worker_cmd(command, admin_socket, master_socket).strip()
+    # HAProxy says what it changed ("IP changed from ...", "port changed from
+    # ...") or that nothing needed to; anything else is a refusal.
+    if reply and not reply.startswith(("IP changed", "port changed", "no need to change")):
+        raise CommandExecutionError(f"HAProxy refused {command!r}: {reply}")
+    now = _one(backend, server, admin_socket=admin_socket, master_socket=master_socket)
+    return {"server": f"{backend}/{server}", "addr": now["addr"], "reply": reply}
+
+
 def _poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float, interval: float):
     """Call ``fetch()`` until ``done(value)`` or ``timeout`` seconds have passed;
     returns ``(last value, done, seconds waited)``."""
