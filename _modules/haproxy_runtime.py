@@ -38,12 +38,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
 import shlex
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -775,18 +778,23 @@ def save_state(state_file: str, admin_socket: str | None = None, master_socket: 
     text = _worker_cmd("show servers state", admin_socket, master_socket)
     if not text.strip() or not text.lstrip()[0].isdigit():
         raise CommandExecutionError(f"unexpected answer to 'show servers state': {text.strip()[:200]}")
-    folder = os.path.dirname(os.path.abspath(state_file))
-    fd, tmp = tempfile.mkstemp(prefix=".server-state.", dir=folder)
+    _write_atomic(state_file, text, 0o644)
+    return state_file
+
+
+def _write_atomic(path: str, text: str, mode: int) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader sees the old file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, state_file)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return state_file
 
 
 def _answering_master(master: str, timeout: float) -> dict[str, Any]:
@@ -802,9 +810,17 @@ def reload(
     state_file: str | None = None,
     timeout: float = 60,
     keep_state_file: bool = False,
+    config_file: str | None = None,
+    record: str | None = None,
 ) -> dict[str, Any]:
     """
     Reload HAProxy gracefully through the master CLI and confirm it.
+
+    With ``config_file`` (host path of the file HAProxy reads), a confirmed
+    reload is recorded in ``record`` (default: ``loaded.json`` next to the
+    master socket): the file's SHA-256 and the master it was loaded by (see
+    :py:func:`loaded`). A failed reload leaves the record as it was, so the
+    file no longer matches it and the next check retries.
 
     With ``state_file`` (host path of the ``server-state-file``), the server
     states are saved first, so drain and maintenance survive the reload. The
@@ -820,24 +836,30 @@ def reload(
     keeps serving.
 
     Returns ``{'reloaded': True, 'old_pids': [...], 'new_pid': pid,
-    'reloads': n, 'messages': '...', 'state_file': path or None}``.
+    'reloads': n, 'messages': '...', 'state_file': path or None,
+    'record': path or None}``.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt '*' haproxy_runtime.reload state_file=/run/mtproxy/haproxy/server-state
+        salt '*' haproxy_runtime.reload config_file=/etc/mtproxy/haproxy/haproxy.cfg
     """
     master = _master(master_socket)
     before = _answering_master(master, timeout)
+    # The file as HAProxy is about to read it.
+    digest = _digest(config_file) if config_file else None
     if state_file:
         save_state(state_file, admin_socket, master_socket or master)
     try:
-        return _reload_confirmed(master, before, timeout, state_file)
+        result = _reload_confirmed(master, before, timeout, state_file)
     finally:
         if state_file and not keep_state_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(state_file)
+    result["record"] = _record_loaded(config_file, digest, master, result, record) if config_file else None
+    return result
 
 
 def _reload_confirmed(master: str, before: dict[str, Any], timeout: float, state_file: str | None) -> dict[str, Any]:
@@ -882,6 +904,148 @@ def _reload_confirmed(master: str, before: dict[str, Any], timeout: float, state
         "version": after["master"]["version"],
         "messages": messages,
         "state_file": state_file,
+    }
+
+
+# -- what HAProxy confirmed it loaded ----------------------------------------------------
+
+RECORD_NAME = "loaded.json"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def _record_path(master: str, record: str | None) -> str:
+    return record or os.path.join(os.path.dirname(os.path.abspath(master)), RECORD_NAME)
+
+
+def _digest(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+    except OSError as exc:
+        raise CommandExecutionError(f"cannot read the HAProxy config {path}: {exc}") from exc
+
+
+def _master_identity(master: str) -> dict[str, Any] | None:
+    """What tells this HAProxy master from any other, or None when none answers on ``master``.
+
+    Inside its container the master may be PID 1 after every restart, so its
+    own view of itself identifies nothing. Seen from here, the process that
+    listens on the master CLI (``SO_PEERCRED``) has a host PID and a start
+    time (clock ticks since boot) that no other process of this boot shares,
+    and a reload keeps both: the master re-executes itself in place. Where
+    its PID is not visible (another PID namespace), ``pid`` is None.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(master)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    pid = struct.unpack("3i", creds)[0]
+    try:
+        with open(BOOT_ID) as handle:
+            boot_id = handle.read().strip()
+        with open(f"/proc/{pid}/stat") as handle:
+            # Field 22; counted after the command name, which may hold spaces and parentheses.
+            start = int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        log.warning("HAProxy master on %s: PID %s not visible here; its restarts go unnoticed", master, pid)
+        return {"boot_id": None, "pid": None, "start": None}
+    return {"boot_id": boot_id, "pid": pid, "start": start}
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("HAProxy load record %s is unreadable (%s): taken as no record", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _not_loaded_because(recorded: dict[str, Any] | None, digest: str, master: dict[str, Any] | None) -> str | None:
+    """Why HAProxy may not run the config whose SHA-256 is ``digest``; None when it provably does."""
+    if master is None:
+        return "HAProxy does not answer on its master socket"
+    if not recorded:
+        return "no record of a config HAProxy confirmed it loaded"
+    if recorded.get("sha256") != digest:
+        old = str(recorded.get("sha256"))[:12]
+        return f"the config changed since HAProxy last confirmed loading it (sha256 {old}… → {digest[:12]}…)"
+    if master["pid"] is not None and recorded.get("master") != master:
+        return "HAProxy was restarted since its last confirmed reload: what it loaded is unknown"
+    return None
+
+
+def _record_loaded(
+    config_file: str, digest: str | None, master: str, result: dict[str, Any], record: str | None
+) -> str | None:
+    """Record a confirmed reload of ``config_file``; the record's path, or None when
+    what HAProxy read is unknown (the file changed meanwhile, the master is gone)."""
+    path = _record_path(master, record)
+    identity = _master_identity(master)
+    if identity is None or _digest(config_file) != digest:
+        log.warning("%s changed or HAProxy went away during the reload: nothing recorded", config_file)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return None
+    data = {
+        "config_file": config_file,
+        "sha256": digest,
+        "master": identity,
+        "worker": result["new_pid"],
+        "reloads": result["reloads"],
+        "version": result["version"],
+        "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n", 0o600)
+    return path
+
+
+def loaded(
+    config_file: str, master_socket: str | None = None, record: str | None = None, timeout: float = 0
+) -> dict[str, Any]:
+    """
+    Whether HAProxy runs ``config_file`` as the file is now.
+
+    It does when the file's SHA-256 is the one recorded at the last
+    confirmed :py:func:`reload` (``record``, default ``loaded.json`` next to
+    the master socket) and the master that answers is the one that loaded it.
+    After a failed reload, a restart of HAProxy or with no record, it may not.
+    ``timeout``: seconds to wait for a master that does not answer yet.
+
+    Returns ``{'loaded': bool, 'reason': why not (None when loaded),
+    'config_file', 'sha256': the file's now, 'record': path, 'recorded':
+    the record (None when there is none), 'master_socket', 'master': the
+    master now (None when none answers)}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.loaded /etc/mtproxy/haproxy/haproxy.cfg
+    """
+    master = _master(master_socket)
+    path = _record_path(master, record)
+    digest = _digest(config_file)
+    recorded = _read_record(path)
+    identity, _, _ = _poll(lambda: _master_identity(master), lambda found: found is not None, timeout, 0.2)
+    reason = _not_loaded_because(recorded, digest, identity)
+    return {
+        "loaded": reason is None,
+        "reason": reason,
+        "config_file": config_file,
+        "sha256": digest,
+        "record": path,
+        "recorded": recorded,
+        "master_socket": master,
+        "master": identity,
     }
 
 
