@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 __virtualname__ = "mtproxy"
 
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
+HEX32 = re.compile(r"[0-9a-f]{32}")
+HIDDEN = "<hidden>"
+# Kernel parameters (net.ipv4.ip_local_port_range, ...) as files.
+PROC_SYSCTL = "/proc/sys"
 # Secrets that appear in examples and docs: never serve with them.
 PLACEHOLDER_SECRETS = {
     "0" * 32,
@@ -96,13 +99,6 @@ CLIENT_IP = ("tproxy", "proxy_protocol")
 MODES = ("classic", "secure", "tls")
 # The official image's local stats port: replica port + this offset.
 OFFICIAL_STATS_OFFSET = 10000
-BALANCE = ("leastconn", "roundrobin")
-TPROXY_METHODS = ("mark", "sport")
-FAMILIES = ("ipv4", "ipv6", "both")
-IMAGE_REF = re.compile(
-    r"^(?:[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
-)
 
 
 def __virtual__():
@@ -114,61 +110,22 @@ class SettingsError(CommandExecutionError):
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
-    raise SettingsError(f"Pillar mtproxy:{key} is {value!r}: {allowed}")
-
-
-def _integer(settings: dict, key: str, low: int, high: int) -> int:
-    value = _lookup(settings, key)
-    if isinstance(value, bool) or (not isinstance(value, int) and not (isinstance(value, str) and value.isdigit())):
-        _fail(key, value, f"use an integer from {low} to {high}")
-    number = int(value)
-    if not low <= number <= high:
-        _fail(key, value, f"use an integer from {low} to {high}")
-    return number
-
-
-def _lookup(settings: dict, key: str) -> Any:
-    node: Any = settings
-    for part in key.split(":"):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def _text(settings: dict, key: str, allowed: str) -> str:
-    """A string setting; empty (or unset) gives ""."""
-    value = _lookup(settings, key)
-    if value in (None, ""):
-        return ""
-    if not isinstance(value, str):
-        _fail(key, value, allowed)
-    return value
-
-
-def _flag(settings: dict, key: str) -> bool:
-    value = _lookup(settings, key)
-    if not isinstance(value, bool):
-        _fail(key, value, "use true or false")
-    return value
-
-
-def _choice(settings: dict, key: str, allowed: tuple[str, ...]) -> str:
-    value = _lookup(settings, key)
-    if value not in allowed:
-        _fail(key, value, "use one of " + ", ".join(allowed))
-    return value
+    shown = value if value == HIDDEN else repr(value)
+    raise SettingsError(f"Pillar mtproxy:{key} is {shown}: {allowed}")
 
 
 def validate_secret(secret: Any, key: str = "secret") -> str:
-    if not isinstance(secret, str) or not HEX32.match(secret.lower()):
+    """``secret`` in lower case; fails (never showing it) unless it is 32 hex characters and no placeholder."""
+    if not isinstance(secret, str) or not HEX32.fullmatch(secret.lower()):
         _fail(
             key,
-            "<hidden>" if isinstance(secret, str) else secret,
+            HIDDEN if isinstance(secret, str) else secret,
             "use 32 hex characters (16 random bytes), e.g. from `openssl rand -hex 16`, or leave it empty "
             "to generate one",
         )
     secret = secret.lower()
     if secret in PLACEHOLDER_SECRETS or len(set(secret)) < 4:
-        _fail(key, "<hidden>", "this is a placeholder or trivially guessable secret; use `openssl rand -hex 16`")
+        _fail(key, HIDDEN, "this is a placeholder or trivially guessable secret; use `openssl rand -hex 16`")
     return secret
 
 
@@ -179,6 +136,10 @@ def generated_secret(path: str) -> str:
     valid across applies, also over salt-ssh where grains do not persist.
     Under ``test=True`` a missing secret is made up but not kept.
 
+    Only a missing file is generated. A file that does not hold a secret (32
+    hex characters, optionally followed by a newline) fails, naming the file,
+    and is left as it is: overwriting it would silently change every link.
+
     CLI Example:
 
     .. code-block:: bash
@@ -186,26 +147,40 @@ def generated_secret(path: str) -> str:
         salt '*' mtproxy.generated_secret /var/lib/mtproxy/secret
     """
     try:
-        with open(path, encoding="ascii") as kept:
-            secret = kept.read().strip()
-    except (FileNotFoundError, UnicodeDecodeError):
-        secret = ""
-    if HEX32.match(secret):
-        return secret
+        with open(path, "rb") as kept:
+            content = kept.read()
+    except FileNotFoundError:
+        content = None
+    except OSError as exc:
+        _fail("secret_file", path, f"it cannot be read ({exc.strerror}); fix it or remove it to generate a new secret")
+    if content is not None:
+        try:
+            secret = content.decode("ascii").removesuffix("\n")
+        except UnicodeDecodeError:
+            secret = ""
+        if not HEX32.fullmatch(secret.lower()):
+            _fail(
+                "secret_file",
+                path,
+                "the file exists but does not hold a secret (32 hex characters and a newline); it is not "
+                "overwritten: fix it, or remove it to generate a new secret (the links change then)",
+            )
+        return secret.lower()
     secret = secrets.token_hex(16)
     if not __opts__.get("test"):
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # O_EXCL: a file that appeared meanwhile is never overwritten.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w", encoding="ascii") as kept:
             kept.write(secret + "\n")
     return secret
 
 
-def primary_ipv4() -> str:
+def primary_ipv4(key: str = "backend_address") -> str:
     """
     The host's primary IPv4 address: the address of the default route's
     interface, else the first address that is neither loopback nor a Docker
-    bridge.
+    bridge. ``key``: the pillar key to set when there is none.
 
     CLI Example:
 
@@ -228,12 +203,18 @@ def primary_ipv4() -> str:
         for address in interfaces[name]:
             if not ipaddress.ip_address(address).is_loopback:
                 return address
-    raise CommandExecutionError("Cannot find this host's primary IPv4 address: set pillar mtproxy:backend_address")
+    raise CommandExecutionError(f"Cannot find this host's primary IPv4 address: set pillar mtproxy:{key}")
 
 
 def resolve(settings: dict, generate_secret: bool = True) -> dict:
     """
     Validate the layered settings (map.jinja) and derive what the states need.
+
+    Every key is checked against the pillar schema first
+    (``mtproxy_schema.validate``: types, ranges, names, paths, control
+    characters, unknown keys); then what depends on the flavor and on this
+    host: the ephemeral port range, the address families, routing tables
+    and marks used by others, the secret file.
 
     Raises an error that names the pillar key, its value and what is allowed;
     called at render time, so nothing on the host has changed yet.
@@ -244,52 +225,19 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
 
         salt '*' mtproxy.resolve '{"replicas": 2, ...}'
     """
-    settings = dict(settings)
-    max_replicas = _integer(settings, "max_replicas", 1, 1000)
-    replicas = _integer(settings, "replicas", 1, max_replicas)
-    _integer(settings, "drain_timeout", 0, 86400)
-    _integer(settings, "handshake_timeout", 0, 86400)
-    environment = settings.get("replica_environment") or {}
-    if not isinstance(environment, dict) or not all(isinstance(k, str) and k for k in environment):
-        _fail("replica_environment", environment, "use a mapping of variable names to values")
-    settings["replica_environment"] = {k: str(v) for k, v in environment.items()}
-    base_port = _integer(settings, "base_port", 1, 65535)
-    if base_port + replicas - 1 > 65535:
-        _fail(
-            "base_port",
-            base_port,
-            f"with {replicas} replicas the last port would be {base_port + replicas - 1}; "
-            "use a base_port that leaves room below 65536",
-        )
+    settings = __salt__["mtproxy_schema.validate"](settings)
+    replicas, base_port = settings["replicas"], settings["base_port"]
     ports = list(range(base_port, base_port + replicas))
-    haproxy = dict(settings.get("haproxy") or {})
-    frontend_port = _integer(settings, "haproxy:frontend_port", 1, 65535)
-    stats_port = _integer(settings, "haproxy:stats_port", 1, 65535)
-    for key, port in (("haproxy:frontend_port", frontend_port), ("haproxy:stats_port", stats_port)):
-        if port in ports:
-            _fail(key, port, f"it lies in the replica port range {ports[0]}-{ports[-1]}; choose another port")
-    if frontend_port == stats_port:
-        _fail("haproxy:stats_port", stats_port, "it is the frontend port too; give each role its own port")
-    _choice(settings, "haproxy:balance", BALANCE)
-    _integer(settings, "haproxy:maxconn", 1, 1000000)
-    _flag(settings, "haproxy:splice")
-    _flag(settings, "haproxy:redispatch")
-    _integer(settings, "boot:watch_interval", 1, 3600)
-    tproxy = dict(settings.get("tproxy") or {})
-    _choice(settings, "tproxy:method", TPROXY_METHODS)
-    _choice(settings, "tproxy:family", FAMILIES)
-    _integer(settings, "tproxy:mark", 1, 0xFFFFFFFF)
-    _integer(settings, "tproxy:table", 1, 0xFFFFFFFF - 1)
-    flavor = _choice(settings, "flavor", tuple(FLAVORS))
+    haproxy, tproxy = settings["haproxy"], settings["tproxy"]
+    flavor, client_ip = settings["flavor"], settings["client_ip"]
     capabilities = FLAVORS[flavor]
-    client_ip = _choice(settings, "client_ip", CLIENT_IP)
     if client_ip not in capabilities["client_ip"]:
         _fail(
             "client_ip",
             client_ip,
             f"flavor {flavor} does not accept the PROXY protocol; use tproxy, or flavor mtprotoproxy or mtg",
         )
-    settings["image"] = _text(settings, "image", "use an image reference") or capabilities["image"]
+    settings["image"] = settings["image"] or capabilities["image"]
     if flavor == "official" and ports[-1] + OFFICIAL_STATS_OFFSET > 65535:
         _fail(
             "base_port",
@@ -297,58 +245,38 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             f"flavor official also uses port+{OFFICIAL_STATS_OFFSET} (local stats) for each replica; "
             f"use a base_port up to {65535 - OFFICIAL_STATS_OFFSET - replicas + 1}",
         )
-    for key in ("image", "haproxy:image"):
-        image = _lookup(settings, key)
-        if not isinstance(image, str) or not IMAGE_REF.match(image):
-            _fail(key, image, "use an image reference such as mtproxy-formula/mtprotoproxy:local or repo/name:tag")
-    for key in ("haproxy:frontend_bind", "haproxy:stats_bind"):
-        _address(settings, key)
-    stats_auth = _text(settings, "haproxy:stats_auth", 'use "user:password"')
-    if stats_auth and not re.match(r"^[A-Za-z0-9._-]+:[^\s]{8,}$", stats_auth):
-        _fail("haproxy:stats_auth", "<hidden>", 'use "user:password" with a password of 8 or more non-space characters')
-    if not ipaddress.ip_address(haproxy["stats_bind"]).is_loopback and not stats_auth:
-        _fail(
-            "haproxy:stats_bind",
-            haproxy["stats_bind"],
-            'the stats page is public on this address; set haproxy:stats_auth ("user:password") '
-            "or bind it to 127.0.0.1",
-        )
+    server_options = haproxy["health_check"]["options"] or HEALTH_CHECK_PROFILES[haproxy["health_check"]["profile"]]
 
-    server_options = _text(settings, "haproxy:health_check:options", "use HAProxy server options as one string")
-    if not server_options:
-        profile = _choice(settings, "haproxy:health_check:profile", tuple(HEALTH_CHECK_PROFILES))
-        server_options = HEALTH_CHECK_PROFILES[profile]
-
-    secret = settings.get("secret") or ""
-    if secret:
-        secret = validate_secret(secret)
-    elif generate_secret:
-        secret_file = _text(settings, "secret_file", "use an absolute path")
-        if not secret_file.startswith("/"):
-            _fail("secret_file", secret_file, "use an absolute path such as /var/lib/mtproxy/secret")
-        secret = generated_secret(secret_file)
-    all_secrets = [secret, *_extra_secrets(settings, flavor, capabilities["max_secrets"], secret)]
-    tls_domain = _text(settings, "tls_domain", "use a DNS name such as www.example.com, or leave it empty")
-    if tls_domain and not re.match(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", tls_domain):
-        _fail("tls_domain", tls_domain, "use a DNS name such as www.example.com, or leave it empty")
+    tls_domain = settings["tls_domain"]
     if tls_domain and "tls" not in capabilities["modes"]:
         _fail("tls_domain", tls_domain, f"flavor {flavor} has no fake-TLS; leave it empty")
     modes = _modes(settings, flavor, capabilities["modes"], tls_domain)
-    if settings.get("handshake_timeout") and flavor != "mtprotoproxy":
+    if settings["handshake_timeout"] and flavor != "mtprotoproxy":
         _fail("handshake_timeout", settings["handshake_timeout"], f"flavor {flavor} has no such setting; use 0")
-    ad_tag = _text(settings, "ad_tag", "use the 32 hex characters @MTProxybot gave you, or leave it empty").lower()
-    if ad_tag and not HEX32.match(ad_tag):
-        _fail("ad_tag", ad_tag, "use the 32 hex characters @MTProxybot gave you, or leave it empty")
+    ad_tag = settings["ad_tag"]
     if ad_tag and not capabilities["ad_tag"]:
         _fail("ad_tag", ad_tag, f"flavor {flavor} has no ad tag (promoted channel); leave it empty")
+    extra_secrets = _extra_secrets(settings, flavor, capabilities["max_secrets"])
 
-    backend_address = _text(settings, "backend_address", "use an IP address of this host") or primary_ipv4()
-    _address({"backend_address": backend_address}, "backend_address")
-    public_host = _text(settings, "public_host", "use a host name or address") or backend_address
-    docker_host = settings.get("docker_host") or __salt__["config.option"]("docker.url", "") or ""
+    # With the PROXY protocol a replica believes any header it is sent: only
+    # HAProxy on this host may reach it.
+    default_backend = "127.0.0.1" if client_ip == "proxy_protocol" else ""
+    backend_address = settings["backend_address"] or default_backend or primary_ipv4()
+    _check_families(settings, backend_address)
+    public_host = settings["public_host"] or (backend_address if client_ip == "tproxy" else primary_ipv4("public_host"))
+    _check_ephemeral_ports(settings, ports)
+    _check_foreign_routing(settings)
 
-    config_dir = settings["config_dir"].rstrip("/")
-    run_dir = settings["run_dir"].rstrip("/")
+    secret = settings["secret"]
+    if secret:
+        secret = validate_secret(secret)
+    elif generate_secret:
+        secret = generated_secret(settings["secret_file"])
+    if secret in extra_secrets:
+        _fail("extra_secrets", HIDDEN, "every secret must differ from the others and from mtproxy:secret")
+    docker_host = settings["docker_host"] or __salt__["config.option"]("docker.url", "") or ""
+
+    config_dir, run_dir = settings["config_dir"], settings["run_dir"]
     haproxy_config_dir = f"{config_dir}/haproxy"
     haproxy_run_dir = f"{run_dir}/haproxy"
     replica_list = [
@@ -379,52 +307,38 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
     tproxy["ports"] = ports
     settings.update(
         {
-            "replicas": replicas,
-            "base_port": base_port,
             "ports": ports,
             "replica_list": replica_list,
             "replica_config_mount": REPLICA_CONFIG_MOUNT,
-            "flavor": flavor,
-            "client_ip": client_ip,
             "secret": secret,
-            "secrets": all_secrets,
+            "secrets": [secret, *extra_secrets],
             "modes": modes,
-            "ad_tag": ad_tag,
-            "tls_domain": tls_domain,
             "backend_address": backend_address,
             "public_host": public_host,
             "docker_host": docker_host,
-            "config_dir": config_dir,
-            "run_dir": run_dir,
-            "haproxy": haproxy,
-            "tproxy": tproxy,
         }
     )
     return settings
 
 
-def _extra_secrets(settings: dict, flavor: str, max_secrets: int, secret: str) -> list[str]:
-    extra = settings.get("extra_secrets") or []
-    if not isinstance(extra, list):
-        _fail("extra_secrets", "<hidden>", "use a list of secrets, each 32 hex characters")
+def _extra_secrets(settings: dict, flavor: str, max_secrets: int) -> list[str]:
+    extra = settings["extra_secrets"]
     if extra and max_secrets == 1:
-        _fail("extra_secrets", "<hidden>", f"flavor {flavor} serves one secret per instance; leave it empty")
+        _fail("extra_secrets", HIDDEN, f"flavor {flavor} serves one secret per instance; leave it empty")
     if len(extra) + 1 > max_secrets:
         _fail("extra_secrets", f"<{len(extra)} secrets>", f"flavor {flavor} takes up to {max_secrets - 1} more")
     result = [validate_secret(value, f"extra_secrets:{index}") for index, value in enumerate(extra)]
-    if len(set(result)) != len(result) or secret in result:
-        _fail("extra_secrets", "<hidden>", "every secret must differ from the others and from mtproxy:secret")
+    if len(set(result)) != len(result) or (settings["secret"] and settings["secret"] in result):
+        _fail("extra_secrets", HIDDEN, "every secret must differ from the others and from mtproxy:secret")
     return result
 
 
 def _modes(settings: dict, flavor: str, allowed: tuple[str, ...], tls_domain: str) -> list[str]:
     """The client protocols served: explicit, or padded plus fake-TLS when a domain is set."""
-    modes = settings.get("modes") or []
+    modes = settings["modes"]
     if not modes:
         modes = [mode for mode in ("secure", "tls") if mode in allowed and (mode != "tls" or tls_domain)]
         modes = modes or list(allowed)
-    if not isinstance(modes, list) or not all(isinstance(mode, str) for mode in modes):
-        _fail("modes", modes, f"use a list of {', '.join(MODES)}")
     for mode in modes:
         if mode not in allowed:
             _fail("modes", modes, f"flavor {flavor} serves {', '.join(allowed)}")
@@ -433,13 +347,136 @@ def _modes(settings: dict, flavor: str, allowed: tuple[str, ...], tls_domain: st
     return [mode for mode in MODES if mode in modes]
 
 
-def _address(settings: dict, key: str) -> str:
-    value = _lookup(settings, key)
+def _check_families(settings: dict, backend_address: str) -> None:
+    """
+    Address combinations that cannot carry a client (checked once the
+    backend address is known):
+
+    - the backend address must be one a replica can listen on: not 0.0.0.0,
+      ::, multicast;
+    - only mtg listens on IPv6 here (the mtprotoproxy config and the official
+      wrapper bind IPv4);
+    - with the PROXY protocol the backend address is loopback;
+    - in transparent mode HAProxy connects to a replica from the client's own
+      address (usesrc clientip), so the clients and the replicas must be of
+      one family: frontend_bind's family (:: counts as IPv6) equals the
+      backend address's, and tproxy:family routes that family's replies.
+    """
+    backend = ipaddress.ip_address(backend_address)
+    key = "backend_address"
+    if backend.is_unspecified or backend.is_multicast:
+        _fail(key, backend_address, "use an address of this host the replicas listen on, not a wildcard or multicast")
+    if backend.version == 6 and settings["flavor"] != "mtg":
+        _fail(key, backend_address, f"flavor {settings['flavor']} listens on IPv4 only here; use an IPv4 address")
+    if settings["client_ip"] == "proxy_protocol":
+        if not backend.is_loopback:
+            _fail(
+                key,
+                backend_address,
+                "with client_ip proxy_protocol a replica trusts the PROXY header it is sent, so it must not be "
+                "reachable from outside the host: use a loopback address such as 127.0.0.1 (the default)",
+            )
+        return
+    frontend = ipaddress.ip_address(settings["haproxy"]["frontend_bind"])
+    if frontend.version != backend.version:
+        _fail(
+            "haproxy:frontend_bind",
+            settings["haproxy"]["frontend_bind"],
+            f"in transparent mode (client_ip tproxy) HAProxy connects to the replicas from the client's own "
+            f"address, which cannot reach an IPv{backend.version} backend_address ({backend_address}) from "
+            f"IPv{frontend.version}: bind an IPv{backend.version} address, or use client_ip proxy_protocol",
+        )
+    family = settings["tproxy"]["family"]
+    if family != "both" and family != f"ipv{backend.version}":
+        _fail(
+            "tproxy:family",
+            family,
+            f"the replies of an IPv{backend.version} backend_address ({backend_address}) need "
+            f"ipv{backend.version} (or both) return-path rules",
+        )
+
+
+def _sysctl(settings: dict, name: str) -> str | None:
+    """A kernel parameter as the cell will have it: the pillar's (transparent mode sets it), else the host's."""
+    configured = settings["sysctls"].get(name)
+    if configured is not None and settings["client_ip"] == "tproxy":
+        return str(configured)
     try:
-        return str(ipaddress.ip_address(value))
-    except (ValueError, TypeError):
-        _fail(key, value, "use an IP address such as 0.0.0.0 or 127.0.0.1")
-    return ""
+        with open(os.path.join(PROC_SYSCTL, *name.split("."))) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _port_set(text: str) -> set[int]:
+    """Ports of ``ip_local_reserved_ports`` text: ``8080,9000-9100``."""
+    ports: set[int] = set()
+    for item in text.replace(" ", "").strip().split(","):
+        low, _, high = item.partition("-")
+        if low.isdigit() and (not high or high.isdigit()):
+            ports.update(range(int(low), int(high or low) + 1))
+    return ports
+
+
+def _check_ephemeral_ports(settings: dict, ports: list[int]) -> None:
+    """
+    Refuse a listening port inside the host's ephemeral range
+    (``net.ipv4.ip_local_port_range``) that ``ip_local_reserved_ports`` does
+    not reserve. The kernel picks the source ports of outbound connections
+    there: a replica could find its port taken, and the return path (which
+    matches replies by source port) would capture the host's own connections.
+
+    The formula refuses rather than reserving them itself: the reserved list
+    is one global setting shared with everything else on the host, which the
+    formula cannot merge with or take back safely; the operator keeps it
+    (pillar ``sysctls`` can set it, and is honoured here).
+    """
+    text = _sysctl(settings, "net.ipv4.ip_local_port_range")
+    if not text or len(text.split()) != 2 or not all(word.isdigit() for word in text.split()):
+        return
+    low, high = (int(word) for word in text.split())
+    reserved = _port_set(_sysctl(settings, "net.ipv4.ip_local_reserved_ports") or "")
+    listening = [("base_port", port) for port in ports]
+    if settings["flavor"] == "official":
+        listening += [("base_port", port + OFFICIAL_STATS_OFFSET) for port in ports]
+    listening += [(f"haproxy:{key}", settings["haproxy"][key]) for key in ("frontend_port", "stats_port")]
+    for key, port in listening:
+        if low <= port <= high and port not in reserved:
+            _fail(
+                key,
+                _lookup(settings, key),
+                f"port {port} lies in this host's ephemeral port range {low}-{high} "
+                "(net.ipv4.ip_local_port_range), where the kernel picks the source ports of outbound "
+                "connections: the port could be taken, and the return path would catch the host's own "
+                f"connections. Use ports below {low}, or reserve them in net.ipv4.ip_local_reserved_ports",
+            )
+
+
+def _check_foreign_routing(settings: dict) -> None:
+    """Refuse a routing table or mark that rules, routes or mangle rules not of this formula use."""
+    tproxy = settings["tproxy"]
+    if settings["client_ip"] != "tproxy" or "tproxy.foreign" not in __salt__:
+        return
+    found = __salt__["tproxy.foreign"](
+        mark=tproxy["mark"], table=tproxy["table"], family=tproxy["family"], method=tproxy["method"]
+    )
+    if not found:
+        return
+    by_mark = all("fwmark" in item or "mangle" in item for item in found)
+    key = "tproxy:mark" if by_mark else "tproxy:table"
+    _fail(
+        key,
+        tproxy["mark"] if by_mark else tproxy["table"],
+        f"table {tproxy['table']} or mark {tproxy['mark']} is already used by rules or routes that are not this "
+        f"formula's: {'; '.join(found)}. Choose a free tproxy:table and tproxy:mark, or remove them",
+    )
+
+
+def _lookup(settings: dict, key: str) -> Any:
+    node: Any = settings
+    for part in key.split(":"):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def existing_replicas() -> list[str]:

@@ -107,7 +107,8 @@ def test_mtg_gets_a_toml_file_with_its_fake_tls_secret(client_ip):
     config = tomllib.loads(spec["config"])
     assert config == {
         "secret": "ee" + SECRET + DOMAIN.encode().hex(),
-        "bind-to": "203.0.113.10:4432",
+        # With the PROXY protocol only HAProxy on the host may reach a replica.
+        "bind-to": ("203.0.113.10" if client_ip == "tproxy" else "127.0.0.1") + ":4432",
         "proxy-protocol-listener": client_ip == "proxy_protocol",
         "concurrency": (16384 - 64) // 2,
     }

@@ -21,6 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("mtproxy_module_under_test", REPO / "_modules" / "mtproxy.py")
 mtproxy = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mtproxy)
+_spec = importlib.util.spec_from_file_location("mtproxy_schema_under_test", REPO / "_modules" / "mtproxy_schema.py")
+schema = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(schema)
+# Salt's loader gives both modules salt.exceptions; here they share the error class.
+schema.SettingsError = mtproxy.SettingsError
 
 DEFAULTS = yaml.safe_load((REPO / "mtproxy" / "parameters" / "defaults.yaml").read_text())["mtproxy"]
 SECRET = "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"
@@ -32,6 +37,7 @@ def loader_stubs(monkeypatch, tmp_path):
         "network.default_route": lambda family: [{"interface": "eth0"}],
         "network.interface_ip": lambda iface: "203.0.113.10",
         "config.option": lambda key, default=None: default,
+        "mtproxy_schema.validate": schema.validate,
     }
     monkeypatch.setattr(mtproxy, "__salt__", stubs, raising=False)
     monkeypatch.setattr(mtproxy, "__opts__", {"test": False}, raising=False)
@@ -77,12 +83,12 @@ def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stub
         ({"secret": "z" * 32}, "mtproxy:secret", "32 hex characters"),
         ({"secret": "0" * 32}, "mtproxy:secret", "placeholder"),
         ({"secret": "0123456789abcdef0123456789abcdef"}, "mtproxy:secret", "placeholder"),
-        ({"replicas": 0}, "mtproxy:replicas", "from 1 to 64"),
-        ({"replicas": -2}, "mtproxy:replicas", "from 1 to 64"),
-        ({"replicas": "two"}, "mtproxy:replicas", "from 1 to 64"),
-        ({"replicas": 2.5}, "mtproxy:replicas", "from 1 to 64"),
-        ({"replicas": True}, "mtproxy:replicas", "from 1 to 64"),
-        ({"replicas": 65}, "mtproxy:replicas", "from 1 to 64"),
+        ({"replicas": 0}, "mtproxy:replicas", "an integer from 1 to"),
+        ({"replicas": -2}, "mtproxy:replicas", "an integer from 1 to"),
+        ({"replicas": "two"}, "mtproxy:replicas", "an integer from 1 to"),
+        ({"replicas": 2.5}, "mtproxy:replicas", "an integer from 1 to"),
+        ({"replicas": True}, "mtproxy:replicas", "an integer from 1 to"),
+        ({"replicas": 65}, "mtproxy:replicas", "from 1 to 64 (max_replicas)"),
         ({"base_port": 0}, "mtproxy:base_port", "from 1 to 65535"),
         ({"base_port": 70000}, "mtproxy:base_port", "from 1 to 65535"),
         ({"base_port": 65535, "replicas": 2}, "mtproxy:base_port", "below 65536"),
@@ -110,12 +116,12 @@ def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stub
         ({"flavor": "mtg", "tls_domain": "a.example.com", "modes": ["secure"]}, "mtproxy:modes", "serves tls"),
         ({"flavor": "official", "modes": ["tls"]}, "mtproxy:modes", "serves classic, secure"),
         ({"modes": ["tls"]}, "mtproxy:tls_domain", "needs a domain"),
-        ({"modes": "secure"}, "mtproxy:modes", "use a list of classic, secure, tls"),
-        ({"modes": ["fast"]}, "mtproxy:modes", "serves classic, secure, tls"),
+        ({"modes": "secure"}, "mtproxy:modes", "use a list (up to 3) of classic | secure | tls"),
+        ({"modes": ["fast"]}, "mtproxy:modes:0", "use one of classic, secure, tls"),
         ({"extra_secrets": ["abc"]}, "mtproxy:extra_secrets:0", "32 hex characters"),
-        ({"extra_secrets": "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"}, "mtproxy:extra_secrets", "a list of secrets"),
+        ({"extra_secrets": "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"}, "mtproxy:extra_secrets", "a list (up to 15) of 32 hex characters"),
         ({"secret": SECRET, "extra_secrets": [SECRET]}, "mtproxy:extra_secrets", "must differ"),
-        ({"extra_secrets": [f"{i:02x}" * 16 for i in range(17, 33)]}, "mtproxy:extra_secrets", "up to 15 more"),
+        ({"extra_secrets": [f"{i:02x}" * 16 for i in range(17, 33)]}, "mtproxy:extra_secrets", "up to 15"),
         (
             {"flavor": "mtg", "tls_domain": "a.example.com", "extra_secrets": ["7a" * 16]},
             "mtproxy:extra_secrets",
