@@ -10,6 +10,7 @@ Clients run in the client namespace (test/loadgen.py).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -423,6 +424,58 @@ def test_reload_with_a_broken_config_fails_with_haproxys_message_and_old_worker_
     # Fixed again, the next reload works.
     cell.write_config()
     assert hr.reload(cell.master)["new_pid"] != before
+
+
+def master_pid(testhost) -> int:
+    """Host PID of the HAProxy master: the child of the container's init."""
+    init = testhost.docker("inspect", "--format", "{{.State.Pid}}", "haproxy").stdout.strip()
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    (pid,) = [int(c) for c in children if "haproxy" in Path(f"/proc/{c}/cmdline").read_text()]
+    return pid
+
+
+def test_reload_records_what_haproxy_confirmed_it_loaded_and_a_restart_invalidates_it(testhost, cell):
+    config, record = cell.etc / "haproxy.cfg", cell.run / "loaded.json"
+    with contextlib.suppress(FileNotFoundError):
+        record.unlink()
+    assert hr.loaded(str(config), cell.master, str(record))["reason"].startswith("no record")
+    master = master_pid(testhost)
+
+    done = hr.reload(cell.master, config_file=str(config), record=str(record))
+    assert done["record"] == str(record)
+    written = json.loads(record.read_text())
+    assert oct(record.stat().st_mode)[-3:] == "600"
+    assert written["sha256"] == hashlib.sha256(config.read_bytes()).hexdigest()
+    assert written["worker"] == done["new_pid"] == hr.info(admin_socket=cell.admin)["pid"]
+    # The master is known by its host PID (inside the container it may be PID 1 each time).
+    assert written["master"]["pid"] == master
+    assert hr.loaded(str(config), cell.master, str(record))["loaded"] is True
+    # A reload keeps the master: the next record names the same one.
+    hr.reload(cell.master, config_file=str(config), record=str(record))
+    assert json.loads(record.read_text())["master"] == written["master"]
+
+    # A reload that fails leaves the record alone: the file differs from it until one succeeds.
+    recorded = record.read_text()
+    cell.write_config(extra="    bogus_directive 1\n")
+    with pytest.raises(CommandExecutionError, match="unknown keyword 'bogus_directive'"):
+        hr.reload(cell.master, config_file=str(config), record=str(record))
+    assert record.read_text() == recorded
+    assert "config changed" in hr.loaded(str(config), cell.master, str(record))["reason"]
+    # Back to the file it loaded: nothing to do.
+    cell.write_config()
+    assert hr.loaded(str(config), cell.master, str(record))["loaded"] is True
+
+    # A restarted HAProxy loaded the file again, but nothing confirmed it: not "loaded".
+    testhost.docker("restart", "haproxy")
+    wait_until(lambda: hr.info(admin_socket=cell.admin), what="HAProxy admin socket after the restart")
+    for name in BACKENDS:
+        hr.wait_for("be", name, "UP", timeout=30, admin_socket=cell.admin)
+    now = hr.loaded(str(config), cell.master, str(record))
+    assert now["reason"] == "HAProxy was restarted since its last confirmed reload: what it loaded is unknown"
+    assert now["master"]["pid"] == master_pid(testhost) != master
+    hr.reload(cell.master, config_file=str(config), record=str(record))
+    assert hr.loaded(str(config), cell.master, str(record))["loaded"] is True
+    record.unlink()
 
 
 # -- validate ------------------------------------------------------------------------------
