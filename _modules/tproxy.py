@@ -13,15 +13,23 @@ anything that must restore it later (a watchdog, a boot unit):
   per contiguous port range, no iptables at all.
 
 Ownership: rules and routes are ours when their routing protocol field is
-``tag`` (default 201) and they point at ``table``; mangle rules are ours when
-their comment is ``mtproxy-formula tproxy: NAME``. Nothing else is touched,
-so one ``tproxy`` state per table.
+``tag`` (default 201), in whatever table they are (so a new ``table`` leaves
+nothing of ours in the old one); mangle rules are ours when their comment is
+``mtproxy-formula tproxy: NAME``. Nothing else is touched, so one ``tproxy``
+state per tag.
+
+Collisions: ``ensure`` refuses a table or mark that something not ours uses
+(a rule looking up the table, a route in it, a rule matching the mark, a
+mangle rule setting it); ``foreign`` lists those, changing nothing. An add
+the kernel answers with EEXIST counts as done only if a re-read finds our
+item there.
 
 CLI examples::
 
     salt-call tproxy.check cell ports=[4431,4432]
     salt-call tproxy.ensure cell ports=[4431,4432] method=sport
     salt-call tproxy.remove cell
+    salt-call tproxy.foreign 1 100
 
 The file also runs as a script, without Salt (pyroute2 needed), so that a boot
 unit restores exactly what the ``tproxy.present`` state would; the JSON file
@@ -82,7 +90,7 @@ log = logging.getLogger(__name__)
 
 __virtualname__ = "tproxy"
 # What Salt exposes as tproxy.*: the pure helpers below stay importable for tests only.
-__load__ = ["check", "ensure", "remove"]
+__load__ = ["check", "ensure", "foreign", "remove"]
 
 DEFAULT_TAG = 201  # routing protocol number that marks our rules and routes
 COMMENT_PREFIX = "mtproxy-formula tproxy: "
@@ -98,6 +106,13 @@ MAX_PRIORITY = 32765  # below the main table's 32766
 RTN_LOCAL = 2
 RT_SCOPE_HOST = 254
 FR_ACT_TO_TBL = 1
+# What a rule does instead of ``lookup TABLE``, and route types, as `ip` writes them.
+RULE_ACTIONS = {2: "goto", 3: "nop", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
+ROUTE_TYPES = {2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole", 7: "unreachable"}
+ROUTE_TYPES.update({8: "prohibit", 9: "throw", 10: "nat"})
+PROTOCOLS = {1: "redirect", 2: "kernel", 3: "boot", 4: "static", 9: "ra", 16: "dhcp"}
+# iptables -S options whose value becomes the packet's (or the connection's) mark.
+MARK_SETTERS = ("--set-xmark", "--set-mark", "--tproxy-mark")
 IPPROTO_TCP = 6
 FULL_MASK = 0xFFFFFFFF
 FRA_SPORT_MASK = 28
@@ -329,21 +344,17 @@ def _kind_order(item: Item) -> int:
     return {Route: 0, Rule: 1, Mangle: 2}[type(item)]
 
 
-def diff(
-    want: list[Item], have: list[Item], satisfied: frozenset[Item] | set[Item] = frozenset()
-) -> tuple[list[Item], list[Item]]:
+def diff(want: list[Item], have: list[Item]) -> tuple[list[Item], list[Item]]:
     """(to add, to remove): what ``want`` lacks in ``have``, and what of ours is not wanted.
 
-    ``satisfied`` holds wanted items that exist but are not ours (a route the
-    operator added by hand): neither added nor removed. Additions come in
-    dependency order (route, rules, mangle); removals in the reverse.
+    Additions come in dependency order (route, rules, mangle); removals in the reverse.
     """
     left = list(have)
     add = []
     for item in want:
         if item in left:
             left.remove(item)  # one copy; duplicates of ours are removed below
-        elif item not in satisfied:
+        else:
             add.append(item)
     add.sort(key=_kind_order)
     left.sort(key=_kind_order, reverse=True)
@@ -378,10 +389,115 @@ def parse_mangle(lines: str, family: str, comment: str) -> list[Mangle]:
         if not line.startswith("-A OUTPUT "):
             continue
         tokens = shlex.split(line)[2:]
-        marks = [tokens[i + 1] for i, tok in enumerate(tokens[:-1]) if tok == "--comment"]
-        if comment in marks:
+        if comment in _comments(tokens):
             found.append(Mangle(family, tuple(tokens)))
     return found
+
+
+def _comments(tokens: list[str]) -> list[str]:
+    return [tokens[i + 1] for i, tok in enumerate(tokens[:-1]) if tok == "--comment"]
+
+
+def sets_mark(tokens: list[str], mark: int) -> bool:
+    """Whether an iptables rule (``iptables -S`` tokens) writes ``mark``: MARK, CONNMARK or TPROXY."""
+    for i, tok in enumerate(tokens[:-1]):
+        if tok in MARK_SETTERS:
+            try:
+                if int(tokens[i + 1].split("/")[0], 0) == mark:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def foreign_mangle(lines: str, family: str, mark: int, comment: str) -> list[str]:
+    """Rules from ``iptables -t mangle -S`` (any chain) that set ``mark`` without carrying ``comment``."""
+    tool = "iptables" if family == "ipv4" else "ip6tables"
+    found = []
+    for line in lines.splitlines():
+        if not line.startswith("-A "):
+            continue
+        tokens = shlex.split(line)
+        if comment not in _comments(tokens) and sets_mark(tokens, mark):
+            found.append(f"{tool} -t mangle {line}")
+    return found
+
+
+def _rule_table(msg) -> int:
+    return msg.get_attr("FRA_TABLE") or msg["table"]
+
+
+def _route_table(msg) -> int:
+    return msg.get_attr("RTA_TABLE") or msg["table"]
+
+
+def rule_uses(msg, table: int, mark: int | None) -> bool:
+    """Whether a rule looks up ``table``, or matches packets carrying ``mark`` (if not None)."""
+    if msg["action"] == FR_ACT_TO_TBL and _rule_table(msg) == table:
+        return True
+    fwmark = msg.get_attr("FRA_FWMARK")
+    if mark is None or fwmark is None:
+        return False
+    mask = msg.get_attr("FRA_FWMASK")
+    return mark & (FULL_MASK if mask is None else mask) == fwmark
+
+
+def _prefix(address, length: int) -> str:
+    return f"{address}/{length}" if length else "all"
+
+
+def describe_rule_msg(msg, family: str) -> str:
+    """A rule as ``ip rule`` takes it (to delete it, put ``del`` after ``rule``)."""
+    attrs = dict(msg["attrs"])
+    words = ["ip rule" if family == "ipv4" else "ip -6 rule", f"pref {attrs.get('FRA_PRIORITY') or 0}"]
+    if msg["src_len"]:
+        words.append(f"from {_prefix(attrs.get('FRA_SRC'), msg['src_len'])}")
+    if msg["dst_len"]:
+        words.append(f"to {_prefix(attrs.get('FRA_DST'), msg['dst_len'])}")
+    if msg["tos"]:
+        words.append(f"tos {msg['tos']:#x}")
+    if attrs.get("FRA_FWMARK") is not None:
+        mask = attrs.get("FRA_FWMASK", FULL_MASK)
+        words.append(f"fwmark {attrs['FRA_FWMARK']:#x}" + ("" if mask == FULL_MASK else f"/{mask:#x}"))
+    for key, word in (("FRA_IIFNAME", "iif"), ("FRA_OIFNAME", "oif"), ("FRA_IP_PROTO", "ipproto")):
+        if attrs.get(key) is not None:
+            words.append(f"{word} {attrs[key]}")
+    for key, word in (("FRA_SPORT_RANGE", "sport"), ("FRA_DPORT_RANGE", "dport")):
+        if key in attrs:
+            first, last = str(attrs[key]).split(":")
+            words.append(f"{word} {first}" if first == last else f"{word} {first}-{last}")
+    action = msg["action"]
+    if action == FR_ACT_TO_TBL:
+        words.append(f"lookup {_rule_table(msg)}")
+    elif action == 2:
+        words.append(f"goto {attrs.get('FRA_GOTO')}")
+    else:
+        words.append(RULE_ACTIONS.get(action, f"action {action}"))
+    proto = attrs.get("FRA_PROTOCOL")
+    if proto:
+        words.append(f"proto {PROTOCOLS.get(proto, proto)}")
+    return " ".join(words)
+
+
+def describe_route_msg(msg, family: str, ifnames: dict[int, str]) -> str:
+    """A route as ``ip route`` takes it (to delete it, put ``del`` after ``route``)."""
+    attrs = dict(msg["attrs"])
+    words = ["ip route" if family == "ipv4" else "ip -6 route"]
+    if msg["type"] in ROUTE_TYPES:
+        words.append(ROUTE_TYPES[msg["type"]])
+    words.append(f"{attrs.get('RTA_DST')}/{msg['dst_len']}" if msg["dst_len"] else "default")
+    if attrs.get("RTA_GATEWAY"):
+        words.append(f"via {attrs['RTA_GATEWAY']}")
+    if attrs.get("RTA_MULTIPATH"):
+        words.append("nexthop ...")
+    if attrs.get("RTA_OIF"):
+        words.append(f"dev {ifnames.get(attrs['RTA_OIF'], attrs['RTA_OIF'])}")
+    words.append(f"table {_route_table(msg)}")
+    if msg["proto"]:
+        words.append(f"proto {PROTOCOLS.get(msg['proto'], msg['proto'])}")
+    if attrs.get("RTA_PRIORITY"):
+        words.append(f"metric {attrs['RTA_PRIORITY']}")
+    return " ".join(words)
 
 
 # -- kernel side ---------------------------------------------------------------
@@ -421,17 +537,42 @@ def _iptables(binary: str, *args: str) -> str:
     return proc.stdout
 
 
+def _ours_netlink(ipr, family: str, tag: int) -> list[Item]:
+    """Our rules and routes of ``family``, in every table."""
+    items: list[Item] = []
+    for msg in ipr.get_rules(family=AF[family]):
+        if msg.get_attr("FRA_PROTOCOL") == tag:
+            items.append(_rule_from(msg, family, _rule_table(msg), tag))
+    for msg in ipr.get_routes(family=AF[family]):
+        if msg["proto"] == tag and msg["type"] == RTN_LOCAL and not msg["dst_len"]:
+            items.append(Route(family, _route_table(msg), tag))
+    return items
+
+
+def _foreign_netlink(ipr, family: str, table: int, mark: int | None, tag: int) -> list[str]:
+    """Rules and routes of ``family`` not tagged ``tag`` that use ``table`` or match ``mark``."""
+    found = [
+        describe_rule_msg(msg, family)
+        for msg in ipr.get_rules(family=AF[family])
+        if msg.get_attr("FRA_PROTOCOL") != tag and rule_uses(msg, table, mark)
+    ]
+    routes = [msg for msg in ipr.get_routes(family=AF[family]) if _route_table(msg) == table and msg["proto"] != tag]
+    if routes:
+        ifnames = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        found += [describe_route_msg(msg, family, ifnames) for msg in routes]
+    return found
+
+
 def _read(
     ipr,
-    table: int,
     tag: int,
     comment: str,
     binaries: dict[str, str],
     wanted: tuple[str, ...],
     need_iptables: bool,
     iptables_fatal: bool,
-) -> tuple[list[Item], set[Item]]:
-    """Our items in the kernel (both families), and the wanted routes present but not ours.
+) -> list[Item]:
+    """Our items in the kernel: rules and routes in any table, mangle rules, both families.
 
     Families outside ``wanted`` are only swept for leftovers of ours: if they
     cannot be read (IPv6 disabled, no ip6tables) they count as empty. Within
@@ -439,27 +580,13 @@ def _read(
     and a failing one only if ``iptables_fatal`` (method sport works without).
     """
     have: list[Item] = []
-    satisfied: set[Item] = set()
     for family in ALL_FAMILIES:
         try:
-            rules = ipr.get_rules(family=AF[family])
-            routes = ipr.get_routes(family=AF[family], table=table)
-            lo = ipr.link_lookup(ifname="lo")
+            have += _ours_netlink(ipr, family, tag)
         except NetlinkError as exc:
             if family in wanted:
                 raise CommandExecutionError(_netlink_error(exc, f"read the {family} rules and routes")) from exc
             continue
-        for msg in rules:
-            if msg.get_attr("FRA_PROTOCOL") != tag or (msg.get_attr("FRA_TABLE") or msg["table"]) != table:
-                continue
-            have.append(_rule_from(msg, family, table, tag))
-        for msg in routes:
-            if (msg.get_attr("RTA_TABLE") or msg["table"]) != table or msg["type"] != RTN_LOCAL or msg["dst_len"]:
-                continue
-            if msg["proto"] == tag:
-                have.append(Route(family, table, tag))
-            elif msg.get_attr("RTA_OIF") in lo:
-                satisfied.add(Route(family, table, tag))
         binary = _binary(binaries, family)
         if binary is None:
             if need_iptables and family in wanted:
@@ -474,7 +601,31 @@ def _read(
             if iptables_fatal and family in wanted:
                 raise
             log.warning("tproxy: cannot read the %s mangle table, skipped", family, exc_info=True)
-    return have, satisfied
+    return have
+
+
+def _foreign(ipr, spec: Spec) -> list[str]:
+    """What is not ours but uses ``spec``'s table, or (method mark) its mark, in its families."""
+    mark = spec.mark if spec.method == "mark" else None
+    found: list[str] = []
+    for family in spec.families:
+        try:
+            found += _foreign_netlink(ipr, family, spec.table, mark, spec.tag)
+        except NetlinkError as exc:
+            raise CommandExecutionError(_netlink_error(exc, f"read the {family} rules and routes")) from exc
+        binary = _binary(spec.binaries, family)
+        if mark is not None and binary is not None:  # without iptables, ensure says what is missing
+            found += foreign_mangle(_iptables(binary, "-S"), family, mark, comment_for(spec.name))
+    return found
+
+
+def _foreign_message(spec: Spec, found: list[str]) -> str:
+    what = f"table {spec.table}" + (f" or mark {spec.mark:#x}" if spec.method == "mark" else "")
+    return (
+        f"The {what} is already used by rules or routes that are not ours (not protocol {spec.tag}): "
+        + "; ".join(found)
+        + f". Remove them, or choose another {'table or mark' if spec.method == 'mark' else 'table'}."
+    )
 
 
 def _rule_from(msg, family: str, table: int, tag: int) -> Rule:
@@ -534,8 +685,26 @@ def _change(ipr, verb: str, item: Item, binaries: dict[str, str]) -> None:
         call(verb, **_netlink_args(item, lo))
     except NetlinkError as exc:
         if verb == "add" and getattr(exc, "code", None) == EEXIST:
-            return  # added meanwhile by the watchdog or the state: the kernel holds it
+            _check_exists(ipr, item)
+            return
         raise CommandExecutionError(_netlink_error(exc, f"{verb} `{describe(item)}`")) from exc
+
+
+def _check_exists(ipr, item: Route | Rule) -> None:
+    """After EEXIST: fine if ``item`` is ours in the kernel (the watchdog or the state added it
+    meanwhile); otherwise something foreign took its place, and that is an error naming it."""
+    try:
+        if item in _ours_netlink(ipr, item.family, item.tag):
+            return
+        found = _foreign_netlink(
+            ipr, item.family, item.table, item.fwmark if isinstance(item, Rule) else None, item.tag
+        )
+    except NetlinkError as exc:
+        raise CommandExecutionError(_netlink_error(exc, f"read back `{describe(item)}`")) from exc
+    raise CommandExecutionError(
+        f"Cannot add `{describe(item)}`: the kernel holds a conflicting entry that is not ours: "
+        + ("; ".join(found) or "none found on a re-read")
+    )
 
 
 def _apply(
@@ -562,8 +731,8 @@ def _changes(done: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def _plan(ipr, spec: Spec) -> tuple[list[Item], list[Item]]:
     mark = spec.method == "mark"
-    have, satisfied = _read(ipr, spec.table, spec.tag, comment_for(spec.name), spec.binaries, spec.families, mark, mark)
-    return diff(desired(spec), have, satisfied)
+    have = _read(ipr, spec.tag, comment_for(spec.name), spec.binaries, spec.families, mark, mark)
+    return diff(desired(spec), have)
 
 
 # -- public functions ------------------------------------------------------------
@@ -617,9 +786,15 @@ def ensure(
 
     Returns ``{"added": [...], "removed": [...]}`` (keys only when not empty; with
     ``test`` what would be done, nothing is changed; with ``keep_stale`` only
-    what is missing is added, as the watchdog does). Raises
-    SaltInvocationError for bad arguments and CommandExecutionError when the
-    kernel refuses (its ``info`` holds what was already done).
+    what is missing is added, as the watchdog does). Our rules and routes in
+    another table than ``table`` are stale: a table change moves them.
+
+    A table or mark that something not ours uses (see :func:`foreign`) is
+    refused before anything changes, except with ``keep_stale``: the
+    watchdog only puts back what was ours, and an add that collides fails anyway.
+
+    Raises SaltInvocationError for bad arguments and CommandExecutionError for
+    a refusal or when the kernel refuses (its ``info`` holds what was already done).
 
     CLI example::
 
@@ -627,12 +802,47 @@ def ensure(
     """
     spec = validate(name, ports, method, mark, table, family, priority, tag, iptables, ip6tables)
     with IPRoute() as ipr:
+        found = [] if keep_stale else _foreign(ipr, spec)
+        if found:
+            raise CommandExecutionError(_foreign_message(spec, found))
         to_add, to_remove = _plan(ipr, spec)
         return _apply(ipr, to_add, [] if keep_stale else to_remove, spec.binaries, test)
 
 
+def foreign(
+    mark,
+    table,
+    family="ipv4",
+    tag=DEFAULT_TAG,
+    method="mark",
+    name="mtproxy",
+    iptables="iptables",
+    ip6tables="ip6tables",
+):
+    """List what is not ours (not protocol ``tag``) but uses ``table`` or ``mark``, changing nothing.
+
+    That is: rules that look up ``table``, routes in ``table``, and with
+    method ``mark`` (``mark`` not None) rules matching packets marked
+    ``mark`` and mangle rules (any chain) setting it without the comment of
+    ``name``'s return path. The kernel's own rules (local, main, default)
+    never count. Returns human-readable strings (``ip rule ...``, ``ip route
+    ...``, ``iptables -t mangle -A ...``); an empty list when nothing collides.
+
+    CLI example::
+
+        salt-call tproxy.foreign 1 100
+        salt-call tproxy.foreign mark=None table=100 family=both method=sport
+    """
+    if mark is None or method == "sport":
+        method, mark = "sport", 1
+    spec = validate(name, [1], method, mark, table, family, tag=tag, iptables=iptables, ip6tables=ip6tables)
+    with IPRoute() as ipr:
+        return _foreign(ipr, spec)
+
+
 def remove(name, table=100, family="both", tag=DEFAULT_TAG, iptables="iptables", ip6tables="ip6tables", test=False):
-    """Remove what ``ensure`` created for ``name``: our rules and route in ``table``, our mangle rules.
+    """Remove what ``ensure`` created for ``name``: our rules and routes (in every table, by
+    ``tag``; ``table`` is only checked) and our mangle rules.
 
     Returns ``{"removed": [...]}`` (empty dict when there was nothing).
 
@@ -642,10 +852,11 @@ def remove(name, table=100, family="both", tag=DEFAULT_TAG, iptables="iptables",
     """
     name = _name_arg(name)
     families = _family_arg(family)
-    table, tag = _table_arg(table), _tag_arg(tag)
+    _table_arg(table)
+    tag = _tag_arg(tag)
     binaries = {"ipv4": iptables, "ipv6": ip6tables}
     with IPRoute() as ipr:
-        have, _ = _read(ipr, table, tag, comment_for(name), binaries, families, False, True)
+        have = _read(ipr, tag, comment_for(name), binaries, families, False, True)
         _, stale = diff([], [item for item in have if item.family in families])
         return _apply(ipr, [], stale, binaries, test)
 

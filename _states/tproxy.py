@@ -115,7 +115,14 @@ def present(
         The binaries (name or path) used for the mangle rules.
 
     ``changes`` lists the rule strings ``added`` and ``removed``; when the
-    port set changes the new rules are added before the old ones go.
+    port set, the table or the mark changes the new rules are added before
+    the old ones go (ours are found by ``tag`` in every table, so a new
+    ``table`` leaves nothing of ours in the old one).
+
+    Fails, changing nothing, when rules or routes that are not ours use
+    ``table`` or (method mark) ``mark``: a foreign default route in the
+    table, ``ip rule fwmark MARK lookup OTHER``, a mangle rule setting the
+    mark. The comment names each of them (``tproxy.foreign`` lists them too).
     """
     ret = {"name": name, "result": False, "changes": {}, "comment": ""}
     args = dict(
@@ -136,9 +143,10 @@ def present(
 def absent(name, table=100, family="both", tag=201, iptables="iptables", ip6tables="ip6tables"):
     """Ensure nothing ``present`` created for ``name`` is left.
 
-    Removes our ip rules and route in ``table`` (carrying protocol ``tag``)
-    and the mangle rules whose comment names ``name``; foreign rules, routes
-    and mangle rules stay.
+    Removes our ip rules and routes (carrying protocol ``tag``, in any table:
+    ``table`` is only checked, so a table changed since ``present`` leaves
+    nothing behind) and the mangle rules whose comment names ``name``;
+    foreign rules, routes and mangle rules stay.
     """
     ret = {"name": name, "result": False, "changes": {}, "comment": ""}
     what = f"Return path {name!r} (table {table}, {family})"

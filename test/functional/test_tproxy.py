@@ -251,43 +251,180 @@ def test_more_than_fifteen_multiport_slots_split(cell):
 
 def test_absent_removes_exactly_ours(cell):
     host = cell.host
-    # Foreign state, some of it deliberately like ours: same table, same mark,
-    # same priority, a comment of another state name.
+    clean = cell.snapshot()
+    assert cell.present(ports=[4431, 4432], family="both")["result"] is True
+    ours = {key: set(lines) - set(clean[key]) for key, lines in cell.snapshot().items()}
+    # Foreign state added afterwards, some of it deliberately like ours: same
+    # table, same mark, same priority, a comment of another state name.
     host.run(["ip", "rule", "add", "pref", "100", "fwmark", "1", "lookup", "100"])
     host.run(["ip", "rule", "add", "pref", "300", "fwmark", "7", "lookup", "200"])
     host.run(["ip", "route", "add", "local", "10.9.0.0/16", "dev", "lo", "table", "100"])
     host.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "200"])
-    mangle = ["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp"]
-    mark = ["-j", "MARK", "--set-mark", "1"]
-    host.run([*mangle, "--sport", "4431", *mark])
+    host.run([*MANGLE, "--sport", "4431", *SET_MARK_1])
     other = ["-m", "comment", "--comment", "mtproxy-formula tproxy: cell2"]
-    host.run([*mangle, "-m", "multiport", "--sports", "4431:4432", *other, *mark])
+    host.run([*MANGLE, "-m", "multiport", "--sports", "4431:4432", *other, *SET_MARK_1])
     host.run(["ip", "-6", "rule", "add", "pref", "100", "fwmark", "1", "lookup", "100"])
-    foreign = cell.snapshot()
-
-    ret = cell.present(ports=[4431, 4432], family="both")
-    assert ret["result"] is True, ret
-    after = cell.snapshot()
-    for key, lines in foreign.items():
-        assert set(lines) <= set(after[key]), key  # present left every foreign line alone
+    mixed = cell.snapshot()
 
     ret = cell.absent()
     assert ret["result"] is True, ret
     assert len(ret["changes"]["removed"]) == 6
-    assert cell.snapshot() == foreign
+    assert cell.snapshot() == {key: [line for line in lines if line not in ours[key]] for key, lines in mixed.items()}
 
     ret = cell.absent()
     assert (ret["result"], ret["changes"]) == (True, {})
     assert "already absent" in ret["comment"]
 
 
-def test_foreign_local_route_is_used_not_taken(cell):
+MANGLE = ["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp"]
+SET_MARK_1 = ["-j", "MARK", "--set-mark", "1"]
+
+
+def _assert_refused(cell, names: list[str], **kwargs) -> None:
+    """present (real and test mode) fails, naming each foreign item, and changes nothing."""
+    before = cell.snapshot()
+    for test in (True, False):
+        ret = cell.present(test=test, **kwargs)
+        assert ret["result"] is False, ret
+        assert ret["changes"] == {}
+        assert "is already used by rules or routes that are not ours (not protocol 201)" in ret["comment"], ret
+        for name in names:
+            assert name in ret["comment"], ret["comment"]
+    assert cell.snapshot() == before
+    assert cell.ours() == []
+
+
+def test_foreign_default_route_in_the_table_is_refused(cell):
+    """A multi-WAN host's default route in table 100: the kernel would answer our add with
+    EEXIST; present fails naming the route instead of reporting a success without our route."""
+    host = cell.host
+    host.run(["ip", "route", "add", "default", "via", host.client_address, "dev", host.host_if, "table", "100"])
+    route = f"ip route default via {host.client_address} dev {host.host_if} table 100 proto boot"
+    for method in ("mark", "sport"):
+        _assert_refused(cell, [route, "choose another table"], ports=[4431, 4432], method=method)
+    assert cell.routes() == [f"default via {host.client_address} dev {host.host_if}"]
+    # Another table is free: that is the way out the comment points to.
+    assert cell.present(ports=[4431, 4432], table=101)["result"] is True
+    assert cell.routes(table=101) == [OUR_ROUTE]
+
+
+def test_foreign_local_route_in_the_table_is_refused(cell):
+    # Even one that looks like ours: its owner may delete it under us.
     cell.host.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
-    ret = cell.present(ports=[4431], method="sport")
-    assert ret["changes"] == {"added": ["ip rule pref 100 ipproto tcp sport 4431 lookup 100 proto 201"]}
-    assert cell.routes() == ["local default dev lo scope host"]
-    assert cell.absent()["changes"] == {"removed": ["ip rule pref 100 ipproto tcp sport 4431 lookup 100 proto 201"]}
-    assert cell.routes() == ["local default dev lo scope host"]
+    _assert_refused(cell, ["ip route local default dev lo table 100 proto boot"], ports=[4431], method="sport")
+
+
+def test_foreign_rule_on_the_mark_is_refused(cell):
+    host = cell.host
+    host.run(["ip", "rule", "add", "fwmark", "1", "lookup", "200"])
+    rule = "ip rule pref 32765 fwmark 0x1 lookup 200"
+    _assert_refused(cell, [rule, "choose another table or mark"], ports=[4431, 4432])
+    # Method sport uses no mark; mark 2 is free.
+    assert cell.present(ports=[4431, 4432], method="sport")["result"] is True
+    assert cell.present(ports=[4431, 4432], mark=2)["result"] is True
+    assert cell.ours() == ["100: from all fwmark 0x2 lookup 100 proto 201"]
+
+
+def test_foreign_rule_on_the_table_is_refused(cell):
+    cell.host.run(["ip", "-6", "rule", "add", "pref", "500", "iif", "eth9", "lookup", "100"])
+    _assert_refused(cell, ["ip -6 rule pref 500 iif eth9 lookup 100"], ports=[4431], method="sport", family="both")
+    # The IPv6 rule does not concern an IPv4-only return path.
+    assert cell.present(ports=[4431], method="sport")["result"] is True
+
+
+def test_foreign_mangle_rule_setting_the_mark_is_refused(cell):
+    host = cell.host
+    host.run([*MANGLE, "--sport", "4431", *SET_MARK_1])
+    other = ["-m", "comment", "--comment", "mtproxy-formula tproxy: cell2"]
+    host.run([*MANGLE, "--sport", "4432", *other, *SET_MARK_1])
+    names = [
+        "iptables -t mangle -A OUTPUT -p tcp -m tcp --sport 4431 -j MARK --set-xmark 0x1/0xffffffff",
+        '--comment "mtproxy-formula tproxy: cell2" -j MARK --set-xmark 0x1/0xffffffff',
+    ]
+    _assert_refused(cell, names, ports=[4431, 4432])
+
+
+def test_foreign_lists_only_what_is_not_ours(cell):
+    host = cell.host
+
+    def foreign(*args: str) -> list[str]:
+        return host.salt_call("tproxy.foreign", *args, config_dir=cell.config_dir)
+
+    assert foreign("1", "100") == [] and foreign("1", "100", "family=both") == []  # the kernel's own rules only
+    assert cell.present(ports=[4431, 4432], family="both")["result"] is True
+    assert foreign("1", "100", "family=both", "name=cell") == []
+    # Our mangle rules are recognised by the state name in their comment.
+    assert foreign("1", "100", "family=both", "name=cell2") == [
+        f"{tool} -t mangle {_mangle_rule('4431:4432')}" for tool in ("iptables", "ip6tables")
+    ]
+    assert cell.present(ports=[4431, 4432], method="sport", table=101)["result"] is True
+    assert foreign("mark=None", "table=101", "method=sport") == []
+
+    host.run(["ip", "rule", "add", "pref", "50", "fwmark", "1", "lookup", "200"])
+    host.run(["ip", "route", "add", "blackhole", "10.0.0.0/8", "table", "101"])
+    assert foreign("1", "101") == [
+        "ip rule pref 50 fwmark 0x1 lookup 200",
+        "ip route blackhole 10.0.0.0/8 table 101 proto boot",
+    ]
+    assert foreign("mark=None", "table=101", "method=sport") == ["ip route blackhole 10.0.0.0/8 table 101 proto boot"]
+    assert foreign("1", "102") == ["ip rule pref 50 fwmark 0x1 lookup 200"]
+    assert foreign("2", "102") == []
+
+
+def test_watchdog_reports_a_route_it_cannot_restore(cell, tmp_path):
+    """The watchdog's ensure (keep_stale) skips the refusal; the kernel's EEXIST is then
+    a success only if our route is there: here a foreign default route took its place."""
+    host = cell.host
+    assert cell.present(ports=[4431], method="sport")["result"] is True
+    host.run(["ip", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
+    host.run(["ip", "route", "add", "default", "via", host.client_address, "dev", host.host_if, "table", "100"])
+    config = tmp_path / "return-path.json"
+    config.write_text(json.dumps({"name": "cell", "ports": [4431], "method": "sport"}))
+    script = "import json, sys, tproxy; print(json.dumps(tproxy.watch_once(sys.argv[1], {})))"
+    proc = host.run([str(VENV_BIN / "python"), "-c", script, str(config)], env={"PYTHONPATH": str(REPO / "_modules")})
+    status = json.loads(proc.stdout.splitlines()[-1])
+    assert status["ok"] is False and "repaired" not in status, status
+    assert status["error"] == (
+        "Cannot add `ip route local 0.0.0.0/0 dev lo table 100 proto 201`: the kernel holds a conflicting entry "
+        f"that is not ours: ip route default via {host.client_address} dev {host.host_if} table 100 proto boot"
+    )
+    assert cell.routes() == [f"default via {host.client_address} dev {host.host_if}"]
+
+
+def test_table_and_mark_change_leave_nothing_in_the_old_ones(cell):
+    assert cell.present(ports=[4431, 4432])["result"] is True
+    before = cell.snapshot()
+    ret = cell.present(ports=[4431, 4432], table=101, test=True)
+    assert ret["result"] is None, ret
+    assert ret["changes"] == {
+        "added": [
+            "ip route local 0.0.0.0/0 dev lo table 101 proto 201",
+            "ip rule pref 100 fwmark 0x1 lookup 101 proto 201",
+        ],
+        "removed": [
+            "ip rule pref 100 fwmark 0x1 lookup 100 proto 201",
+            "ip route local 0.0.0.0/0 dev lo table 100 proto 201",
+        ],
+    }
+    assert cell.snapshot() == before
+    announced = ret["changes"]
+    ret = cell.present(ports=[4431, 4432], table=101)
+    assert (ret["result"], ret["changes"]) == (True, announced), ret
+    assert cell.routes(table=100) == []
+    assert cell.routes(table=101) == [OUR_ROUTE]
+    assert cell.ours() == ["100: from all fwmark 0x1 lookup 101 proto 201"]
+    assert cell.present(ports=[4431, 4432], table=101)["changes"] == {}
+
+    ret = cell.present(ports=[4431, 4432], table=101, mark=2)
+    assert ret["result"] is True
+    assert cell.ours() == ["100: from all fwmark 0x2 lookup 101 proto 201"]
+    assert cell.mangle() == [_mangle_rule("4431:4432").replace("0x1/", "0x2/")]
+
+    # absent with the old table still finds ours in the new one (and every other).
+    ret = cell.absent(table=100)
+    assert ret["result"] is True and len(ret["changes"]["removed"]) == 3, ret
+    assert cell.snapshot() == {**before, "rules": DEFAULT_RULES, "routes": [], "mangle": []}
+    assert cell.routes(table=101) == []
 
 
 def test_ipv6(cell):

@@ -120,8 +120,14 @@ def test_diff_orders_and_dedups():
     add, remove = tproxy.diff(want, [mangle, mangle, stale_rule])
     assert add == [route, rule]
     assert remove == [mangle, stale_rule]  # mangle before rules before routes
-    # A wanted route that exists but is not ours is neither added nor removed.
-    assert tproxy.diff(want, [rule, mangle], satisfied={route}) == ([], [])
+
+
+def test_diff_table_change_moves_ours():
+    old = tproxy.desired(tproxy.validate("cell", [4431, 4432], table=100))
+    new = tproxy.desired(tproxy.validate("cell", [4431, 4432], table=101))
+    add, remove = tproxy.diff(new, old)
+    assert add == [Route("ipv4", 101, 201), Rule("ipv4", 100, 101, 201, fwmark=1)]
+    assert remove == [Rule("ipv4", 100, 100, 201, fwmark=1), Route("ipv4", 100, 201)]
 
 
 def test_rule_with_extra_selectors_is_never_wanted():
@@ -157,11 +163,142 @@ def test_describe():
     assert "--comment 'mtproxy-formula tproxy: a b'" in tproxy.describe(mangle)
 
 
-class FakeRuleMsg(dict):
-    """Just enough of pyroute2's fibmsg for _rule_from."""
+class FakeMsg(dict):
+    """Just enough of pyroute2's netlink messages: fields, ``attrs`` and get_attr."""
+
+    def get_attr(self, name):
+        return dict(self["attrs"]).get(name)
+
+
+class FakeRuleMsg(FakeMsg):
+    """A fibmsg (ip rule)."""
 
     def __init__(self, attrs, **fields):
         super().__init__({"attrs": attrs, "src_len": 0, "dst_len": 0, "tos": 0, "flags": 0, "action": 1, **fields})
+
+
+class FakeRouteMsg(FakeMsg):
+    """An rtmsg (ip route); unicast, protocol boot unless told."""
+
+    def __init__(self, attrs, **fields):
+        super().__init__({"attrs": attrs, "dst_len": 0, "table": 252, "proto": 3, "type": 1, **fields})
+
+
+# The kernel's own rules: never foreign users of a table or mark.
+KERNEL_RULES = [
+    FakeRuleMsg([("FRA_TABLE", table), ("FRA_PROTOCOL", 2), ("FRA_PRIORITY", prio)], table=table)
+    for table, prio in ((255, None), (254, 32766), (253, 32767))
+]
+FOREIGN_DEFAULT = FakeRouteMsg([("RTA_TABLE", 100), ("RTA_GATEWAY", "198.18.5.2"), ("RTA_OIF", 3)])
+OUR_ROUTE = FakeRouteMsg([("RTA_TABLE", 100), ("RTA_OIF", 1)], proto=201, type=2)
+
+
+def _rule(prio, table, **extra):
+    attrs = [("FRA_TABLE", table), ("FRA_PRIORITY", prio), ("FRA_PROTOCOL", extra.pop("proto", 0))]
+    return FakeRuleMsg(attrs + list(extra.items()), table=table if table < 256 else 252)
+
+
+@pytest.mark.parametrize(
+    ("msg", "table", "mark", "uses"),
+    [
+        (KERNEL_RULES[0], 100, 1, False),
+        (KERNEL_RULES[1], 100, 1, False),
+        (_rule(50, 100), 100, None, True),
+        (_rule(50, 100), 101, None, False),
+        (_rule(50, 200, FRA_FWMARK=1), 100, 1, True),
+        (_rule(50, 200, FRA_FWMARK=1), 100, None, False),  # method sport: no mark
+        (_rule(50, 200, FRA_FWMARK=1, FRA_FWMASK=0xFF), 100, 0x101, True),
+        (_rule(50, 200, FRA_FWMARK=0x100, FRA_FWMASK=0xFF00), 100, 1, False),
+        (_rule(50, 200, FRA_FWMARK=7), 100, 1, False),
+        (_rule(50, 200, FRA_FWMARK=0, FRA_FWMASK=0), 100, 1, True),  # fwmark 0/0 matches every mark
+        (_rule(50, 100, FRA_FWMARK=7), 101, 1, False),
+        (FakeRuleMsg([("FRA_TABLE", 100)], table=100, action=6), 100, None, False),  # blackhole: no lookup
+    ],
+)
+def test_rule_uses(msg, table, mark, uses):
+    assert tproxy.rule_uses(msg, table, mark) is uses
+
+
+def test_describe_foreign_rules_and_routes():
+    rule = _rule(32765, 200, FRA_FWMARK=1, FRA_FWMASK=0xFFFFFFFF)
+    assert tproxy.describe_rule_msg(rule, "ipv4") == "ip rule pref 32765 fwmark 0x1 lookup 200"
+    rule = _rule(10, 100, proto=4, FRA_FWMARK=1, FRA_FWMASK=0xFF, FRA_IIFNAME="eth1")
+    rule["src_len"], rule["attrs"] = 24, [*rule["attrs"], ("FRA_SRC", "198.18.0.0")]
+    assert (
+        tproxy.describe_rule_msg(rule, "ipv6")
+        == "ip -6 rule pref 10 from 198.18.0.0/24 fwmark 0x1/0xff iif eth1 lookup 100 proto static"
+    )
+    assert tproxy.describe_route_msg(FOREIGN_DEFAULT, "ipv4", {3: "eth1"}) == (
+        "ip route default via 198.18.5.2 dev eth1 table 100 proto boot"
+    )
+    blackhole = FakeRouteMsg([("RTA_TABLE", 100), ("RTA_DST", "10.0.0.0"), ("RTA_PRIORITY", 5)], type=6, dst_len=8)
+    assert (
+        tproxy.describe_route_msg(blackhole, "ipv6", {})
+        == "ip -6 route blackhole 10.0.0.0/8 table 100 proto boot metric 5"
+    )
+
+
+def test_foreign_mangle_sets_the_mark_without_our_comment():
+    ours = '"mtproxy-formula tproxy: cell"'
+    out = "\n".join(
+        [
+            "-P PREROUTING ACCEPT",
+            "-N DIVERT",
+            f"-A OUTPUT -p tcp -m comment --comment {ours} -j MARK --set-xmark 0x1/0xffffffff",
+            '-A OUTPUT -p tcp -m comment --comment "mtproxy-formula tproxy: cell2" -j MARK --set-xmark 0x1/0xffffffff',
+            "-A PREROUTING -p tcp -j TPROXY --on-port 1234 --on-ip 0.0.0.0 --tproxy-mark 0x1/0x1",
+            "-A DIVERT -j CONNMARK --set-xmark 0x1/0xffffffff",
+            "-A OUTPUT -p udp -m udp --dport 9 -j MARK --set-xmark 0x7/0xffffffff",
+            "-A OUTPUT -p tcp -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+        ]
+    )
+    found = tproxy.foreign_mangle(out, "ipv6", 1, "mtproxy-formula tproxy: cell")
+    assert found == [
+        'ip6tables -t mangle -A OUTPUT -p tcp -m comment --comment "mtproxy-formula tproxy: cell2" '
+        "-j MARK --set-xmark 0x1/0xffffffff",
+        "ip6tables -t mangle -A PREROUTING -p tcp -j TPROXY --on-port 1234 --on-ip 0.0.0.0 --tproxy-mark 0x1/0x1",
+        "ip6tables -t mangle -A DIVERT -j CONNMARK --set-xmark 0x1/0xffffffff",
+    ]
+    assert tproxy.foreign_mangle(out, "ipv4", 7, "x")[0].startswith("iptables -t mangle -A OUTPUT -p udp")
+    assert tproxy.foreign_mangle(out, "ipv4", 2, "x") == []
+
+
+class FakeKernel:
+    """An IPRoute whose ``route add`` answers EEXIST, with the rules and routes it dumps."""
+
+    def __init__(self, routes, rules=KERNEL_RULES):
+        self.routes, self.rules = routes, rules
+
+    def link_lookup(self, ifname):
+        return [1]
+
+    def get_links(self):
+        return [FakeMsg({"index": 3, "attrs": [("IFLA_IFNAME", "eth1")]})]
+
+    def get_rules(self, family):
+        return self.rules
+
+    def get_routes(self, family):
+        return self.routes
+
+    def route(self, verb, **kwargs):
+        raise tproxy.NetlinkError(tproxy.EEXIST, "File exists")
+
+
+def test_eexist_is_success_only_if_our_route_is_there():
+    route = Route("ipv4", 100, 201)
+    assert tproxy._apply(FakeKernel([OUR_ROUTE]), [route], [], {}) == {"added": [tproxy.describe(route)]}
+    with pytest.raises(tproxy.CommandExecutionError) as caught:
+        tproxy._apply(FakeKernel([FOREIGN_DEFAULT]), [route], [], {})
+    assert caught.value.error == (
+        "Cannot add `ip route local 0.0.0.0/0 dev lo table 100 proto 201`: the kernel holds a conflicting entry "
+        "that is not ours: ip route default via 198.18.5.2 dev eth1 table 100 proto boot"
+    )
+    assert caught.value.info == {}
+    # Ours, but in another table, does not count either.
+    elsewhere = FakeRouteMsg([("RTA_TABLE", 101), ("RTA_OIF", 1)], proto=201, type=2)
+    with pytest.raises(tproxy.CommandExecutionError, match="none found on a re-read"):
+        tproxy._apply(FakeKernel([elsewhere]), [route], [], {})
 
 
 def test_rule_from_kernel_message():
