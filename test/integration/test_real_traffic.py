@@ -1,0 +1,286 @@
+"""Real MTProto traffic through the cell (issue 17): client sessions from the
+client namespace, through HAProxy and real mtprotoproxy replicas, to a
+stand-in data centre in the test host that echoes every byte.
+
+The replicas run a test-only image derived from the locally built one
+(test/standin_dc.py): its data-centre list names the test host's own
+address, where the stand-in listens on port 443. Nothing leaves the test
+host. The clients (test/traffic.py) are Telethon's MTProxy transports for
+classic and ``dd`` secrets and our own fake-TLS client for ``ee``; every
+packet must come back byte-identical.
+
+How the replica's view of the client is observed: in transparent mode, the
+replica's own sockets (``ss`` in the test host) have the client namespace's
+address as their peer. In both modes, a handshake replayed from the client
+namespace makes mtprotoproxy log ``Active fingerprinting detected from
+<address>``: the address it believes the client has.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cell import (
+    BASE_PORT,
+    FRONTEND_PORT,
+    apply,
+    cell_pillar,
+    changed,
+    containers,
+    replica_names,
+    wait_servers_up,
+)
+from standin_dc import StandIn, derive_image
+
+pytestmark = pytest.mark.integration
+
+SECRET = "3f9a0c5e7b21d48e96a1c0f2b7d35e84"
+TLS_DOMAIN = "tls.example.test"
+TRAFFIC = Path(__file__).resolve().parents[1] / "traffic.py"
+TRANSPORTS = ("abridged", "intermediate", "secure", "tls")  # classic, classic, secure (dd), tls (ee)
+SESSIONS, PACKETS = 20, 50
+DETECTED = re.compile(r"Active fingerprinting detected from (\S+?),")
+REPLAY = """
+import socket, sys, time
+sys.path.insert(0, sys.argv[4])
+from mtproto import handshake
+first = handshake(sys.argv[3])
+for _ in range(int(sys.argv[5])):
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as conn:
+        conn.sendall(first)
+        time.sleep(0.3)
+"""
+
+
+def traffic_pillar(host, image: str, client_ip: str = "tproxy", **overrides) -> dict:
+    return cell_pillar(
+        host,
+        image=image,
+        secret=SECRET,
+        modes=["classic", "secure", "tls"],
+        tls_domain=TLS_DOMAIN,
+        client_ip=client_ip,
+        **overrides,
+    )
+
+
+class Traffic:
+    """test/traffic.py in the client namespace against the cell's frontend;
+    :attr:`ports` are the sessions' local ports once all are connected."""
+
+    def __init__(self, host, transport: str = "secure", *args: str, stdin: bool = False):
+        cmd = [sys.executable, str(TRAFFIC), host.address, str(FRONTEND_PORT), SECRET, "--transport", transport]
+        cmd += ["--tls-domain", TLS_DOMAIN, *args] + (["--stdin"] if stdin else [])
+        self.proc = subprocess.Popen(
+            [*host.nsenter(client=True), *cmd],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stderr.readline()
+        if '"ready"' not in line:
+            self.kill()
+            raise AssertionError(f"traffic.py did not get ready: {line}{self.proc.stderr.read()[-3000:]}")
+        self.ports: list[int | None] = json.loads(line)["ready"]
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def report(self, timeout: float = 300) -> dict:
+        """Close stdin (ending open-ended sessions) and return the report."""
+        out, err = self.proc.communicate(timeout=timeout)
+        if self.proc.returncode != 0:
+            raise AssertionError(f"traffic.py exited {self.proc.returncode}: {err[-3000:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def peers_by_replica(host, count: int) -> dict[int, list[tuple[str, int]]]:
+    """(address, port) of the peers of each replica's established sockets, by replica number."""
+    ports = {BASE_PORT + i: i + 1 for i in range(count)}
+    seen: dict[int, list[tuple[str, int]]] = {n: [] for n in ports.values()}
+    for row in host.run(["ss", "-Htn", "state", "established"]).stdout.splitlines():
+        local, peer = row.split()[-2:]
+        replica = ports.get(int(local.rsplit(":", 1)[1]))
+        if replica:
+            address, port = peer.rsplit(":", 1)
+            seen[replica].append((address, int(port)))
+    return seen
+
+
+def replica_logs(host, count: int, since: float) -> str:
+    logs = (host.docker("logs", "--since", f"{since:.3f}", name) for name in replica_names(count))
+    return "".join(proc.stdout + proc.stderr for proc in logs)
+
+
+def addresses_replicas_log(host, count: int, replays: int = 6) -> set[str]:
+    """Replay one handshake from the client namespace; the addresses the replicas log it from."""
+    since = time.time()
+    test_dir = str(Path(__file__).resolve().parents[1])
+    host.client_run(
+        [sys.executable, "-c", REPLAY, host.address, str(FRONTEND_PORT), SECRET, test_dir, str(replays)], timeout=60
+    )
+    deadline = time.monotonic() + 5
+    while not (seen := set(DETECTED.findall(replica_logs(host, count, since)))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return seen
+
+
+def container_pid(host, name: str) -> int:
+    return int(host.docker("inspect", "--format", "{{.State.Pid}}", name).stdout)
+
+
+@pytest.fixture(scope="module")
+def standin(testhost):
+    image = derive_image(testhost)
+    dc = StandIn(testhost)
+    yield testhost, image, dc
+    dc.stop()
+
+
+def test_the_test_image_is_marked_and_points_only_at_the_test_host(standin):
+    host, image, _ = standin
+    labels = host.docker("image", "inspect", "--format", "{{json .Config.Labels}}", image).stdout
+    assert json.loads(labels) == {"mtproxy-formula.test-only": "stand-in-dc"}
+    # Both copies of the code: the entry point and the module.
+    listed = host.docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "grep",
+        image,
+        "-h",
+        "TG_DATACENTERS_V4 =",
+        "/usr/local/bin/mtprotoproxy",
+        "/usr/local/bin/mtprotoproxy.py",
+    ).stdout
+    assert re.findall(r"'([\d.]+)'", listed) == [host.address] * 10, listed
+
+
+@pytest.mark.parametrize("client_ip", ["tproxy", "proxy_protocol"])
+def test_every_transport_round_trips_through_the_cell(standin, client_ip):
+    """20 sessions x 50 packets per transport, byte-identical, the stand-in
+    sees each session, the replicas see the client's own address."""
+    host, image, dc = standin
+    pillar = traffic_pillar(host, image, client_ip)
+    apply(host, pillar)
+    wait_servers_up(host, pillar, replica_names(2))
+    assert {c["image"] for n, c in containers(host).items() if n != "mtproxy_haproxy"} == {image}
+    measured = {}
+    for transport in TRANSPORTS:
+        before = dc.wait_idle()
+        traffic = Traffic(host, transport, "--sessions", str(SESSIONS), "--packets", str(PACKETS), stdin=True)
+        try:
+            peers = peers_by_replica(host, 2)
+            traffic.go()
+            report = traffic.report()
+        finally:
+            traffic.kill()
+        after = dc.wait_idle()
+        measured[transport] = {k: report[k] for k in ("sessions", "failed", "packets", "mismatches", "seconds")}
+        errors = [s["error"] for s in report["each"] if s["error"]]
+        assert errors == [], errors
+        assert report["packets"] == SESSIONS * PACKETS and report["mismatches"] == 0, measured[transport]
+        # Every session reached the stand-in through a replica, with the transport's tag.
+        assert after["sessions"] - before["sessions"] == SESSIONS, (before, after)
+        tag = "secure" if transport == "tls" else transport
+        assert after["tags"][tag] - before["tags"].get(tag, 0) == SESSIONS, after
+        assert after["bytes_out"] == after["bytes_in"]
+        if client_ip == "tproxy":
+            # Each session's replica socket has the client's own address and port.
+            sessions = {(host.client_address, port) for port in traffic.ports}
+            held = {peer for peer_list in peers.values() for peer in peer_list}
+            assert sessions <= held, (traffic.ports, peers)
+            assert all(peers[n] for n in (1, 2)), f"a replica got no session: {peers}"
+    print(f"\nreal traffic ({client_ip}):", json.dumps(measured))
+    assert addresses_replicas_log(host, 2) == {host.client_address}
+
+
+def test_a_killed_replica_costs_only_its_own_sessions(standin):
+    """SIGKILL a replica mid-stream: sessions on the other one go on without an
+    error, the killed one's fail, and their reconnects succeed at once."""
+    host, image, _ = standin
+    pillar = traffic_pillar(host, image)
+    apply(host, pillar)
+    wait_servers_up(host, pillar, replica_names(2))
+    traffic = Traffic(
+        host, "secure", "--sessions", str(SESSIONS), "--packets", "0", "--interval", "0.05", "--reconnect", stdin=True
+    )
+    try:
+        peers = peers_by_replica(host, 2)
+        on = {n: {port for address, port in peers[n] if address == host.client_address} for n in (1, 2)}
+        assert on[1] and on[2] and on[1] | on[2] == set(traffic.ports), (on, traffic.ports)
+        traffic.go()
+        time.sleep(2)
+        host.run(["kill", "-KILL", str(container_pid(host, "mtproxy_1"))])
+        time.sleep(3)
+        report = traffic.report()
+    finally:
+        traffic.kill()
+    each = {s["port"]: s for s in report["each"]}
+    killed, kept = [each[p] for p in on[1]], [each[p] for p in on[2]]
+    print(
+        "\nkilled replica:",
+        json.dumps(
+            {
+                "killed_sessions": len(killed),
+                "failed": sum(1 for s in killed if s["error"]),
+                "reconnected": sum(1 for s in killed if (s["reconnect"] or {}).get("ok")),
+                "reconnect_seconds": [round(s["reconnect"]["seconds"], 3) for s in killed if s["reconnect"]],
+                "kept_sessions": len(kept),
+                "kept_errors": sum(1 for s in kept if s["error"]),
+                "packets": report["packets"],
+                "mismatches": report["mismatches"],
+            }
+        ),
+    )
+    assert report["mismatches"] == 0
+    assert [s["error"] for s in kept if s["error"]] == []
+    assert all(s["packets"] > 0 for s in kept)
+    assert all(s["error"] for s in killed), [s for s in killed if not s["error"]]
+    assert all(s["reconnect"] and s["reconnect"]["ok"] and s["reconnect"]["packets"] == 3 for s in killed), killed
+    wait_servers_up(host, pillar, replica_names(2), timeout=60)
+
+
+def test_sessions_outlive_reloads_and_a_scale_up_and_down(standin):
+    """5 HAProxy config reloads, then 2 -> 4 -> 2 replicas, while 20 sessions
+    exchange packets: no mismatch, no broken session (all are on the kept replicas)."""
+    host, image, _ = standin
+    balances = [
+        traffic_pillar(host, image, haproxy={"balance": b}, drain_timeout=5) for b in ("roundrobin", "leastconn")
+    ]
+    apply(host, balances[1])
+    wait_servers_up(host, balances[1], replica_names(2))
+    traffic = Traffic(host, "secure", "--sessions", str(SESSIONS), "--packets", "0", "--interval", "0.1", stdin=True)
+    reloads = 0
+    try:
+        traffic.go()
+        for i in range(5):
+            reloads += "HAProxy reloads gracefully when its config changes" in changed(apply(host, balances[i % 2]))
+        four = traffic_pillar(host, image, replicas=4, drain_timeout=5)
+        apply(host, four)
+        wait_servers_up(host, four, replica_names(4))
+        apply(host, traffic_pillar(host, image, replicas=2, drain_timeout=5))
+        report = traffic.report()
+    finally:
+        traffic.kill()
+    summary = {k: report[k] for k in ("sessions", "failed", "packets", "mismatches", "seconds")}
+    print("\nreloads and scaling:", json.dumps({"reloads": reloads, **summary}))
+    assert reloads == 5
+    assert set(containers(host)) == {*replica_names(2), "mtproxy_haproxy"}
+    assert [s["error"] for s in report["each"] if s["error"]] == []
+    assert report["mismatches"] == 0 and report["packets"] >= SESSIONS * 10, summary
