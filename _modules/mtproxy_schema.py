@@ -589,15 +589,15 @@ def _walk(node: dict, prefix: str, result: dict) -> None:
         if not isinstance(name, str) or (key not in SCHEMA and key not in _GROUPS):
             _unknown(str(key), value)
         spec = SCHEMA.get(key)
-        character = _control_character(value)
-        if character:
-            fail(
-                key,
-                HIDDEN if spec and spec.hidden else value,
-                f"it contains the control character {character!r}; no value may contain newlines, tabs, NUL "
-                "or other control characters",
-            )
         if spec is not None:
+            character = _control_character(value)
+            if character:
+                fail(
+                    key,
+                    HIDDEN if spec.hidden else value,
+                    f"it contains the control character {character!r}; no value may contain newlines, tabs, "
+                    "NUL or other control characters",
+                )
             result[name] = spec.check(key, value)
             continue
         if not isinstance(value, dict):

@@ -69,7 +69,9 @@ def test_every_flavor_and_client_ip_mode_renders(netns_host, flavor, client_ip, 
     """The whole formula as Salt renders it: each flavor's container spec, and
     kernel rules declared only in transparent mode."""
     mtproxy = {"flavor": flavor, "client_ip": client_ip, "secret": "6c2f9a41d0b83e57a4c19f0e2d7b6a35"}
-    mtproxy |= {"backend_address": "198.18.0.1", "tls_domain": "" if flavor == "official" else "www.example.com"}
+    # With the PROXY protocol the replicas listen on loopback (the default there).
+    backend = "198.18.0.1" if client_ip == "tproxy" else "127.0.0.1"
+    mtproxy |= {"backend_address": backend, "tls_domain": "" if flavor == "official" else "www.example.com"}
     netns_host.salt_call("saltutil.sync_all")
     rendered = netns_host.salt_call("state.show_sls", "mtproxy", pillar={"mtproxy": mtproxy})
     assert isinstance(rendered, dict), f"did not render: {rendered}"
