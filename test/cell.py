@@ -9,6 +9,7 @@ sees for connections made from the client namespace.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import shutil
@@ -296,3 +297,25 @@ class Load:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def host_snapshot(host: TestHost, pillar: dict) -> dict:
+    """What an apply could change on ``host``: containers (ids, state, image), every
+    file and folder under the pillar's config_dir and run_dir (mode and SHA-256;
+    sockets by mode only), the ip rules, the routes of the tproxy table and the
+    mangle rules."""
+    settings = pillar["mtproxy"]
+    files = {}
+    for root in (settings["config_dir"], settings["run_dir"]):
+        for path in sorted(Path(root).rglob("*")):
+            info = path.lstat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            files[str(path)] = (oct(info.st_mode), digest)
+    table = settings.get("tproxy", {}).get("table", 100)
+    return {
+        "containers": containers(host),
+        "rules": ip_rules(host),
+        "routes": table_routes(host, table),
+        "mangle": mangle_output(host),
+        "files": files,
+    }
