@@ -1049,6 +1049,38 @@ def loaded(
     }
 
 
+def bind_conflicts(addresses: list[str]) -> list[str]:
+    """
+    Which of the ``ADDRESS:PORT`` listeners HAProxy could not bind because another process holds them.
+
+    A reload whose new worker cannot bind makes HAProxy pause the running
+    worker's listeners while it retries (measured: refused connections on
+    the old port), so this is asked before a reload. The test binds as
+    HAProxy does (``SO_REUSEPORT``, free bind): HAProxy's own listeners do
+    not count, a foreign one does.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.bind_conflicts '["0.0.0.0:8443", "127.0.0.1:8404"]'
+    """
+    taken = []
+    for address in addresses:
+        host, _, port = str(address).rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.SOL_IP, getattr(socket, "IP_FREEBIND", 15), 1)
+            try:
+                sock.bind((host, int(port)))
+            except OSError as exc:
+                taken.append(f"{address} ({exc.strerror})")
+    return taken
+
+
 # -- check_cmd entry point -------------------------------------------------------------
 
 

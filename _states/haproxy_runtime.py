@@ -22,6 +22,7 @@ keeps serving meanwhile.
         - state_file: /run/mtproxy/haproxy/server-state
         - record: /run/mtproxy/haproxy/loaded.json
         - timeout: 30
+        - binds: ['0.0.0.0:8443', '127.0.0.1:8404']
         - watch:
           - file: HAProxy config is valid and in place
           - docker_container: HAProxy container is running
@@ -36,7 +37,7 @@ from salt.exceptions import CommandExecutionError
 __virtualname__ = "haproxy_runtime"
 
 # The arguments config_loaded takes, for mod_watch (Salt passes it the whole low chunk).
-_ARGS = ("master_socket", "admin_socket", "state_file", "record", "timeout")
+_ARGS = ("master_socket", "admin_socket", "state_file", "record", "timeout", "binds")
 
 
 def __virtual__():
@@ -56,6 +57,7 @@ def config_loaded(
     state_file: str | None = None,
     record: str | None = None,
     timeout: float = 60,
+    binds: list[str] | None = None,
 ) -> dict[str, Any]:
     """Reload HAProxy gracefully unless it provably runs the config file ``name`` as it is now.
 
@@ -72,6 +74,10 @@ def config_loaded(
     timeout
         Seconds to wait for the master to answer (a container just started)
         and for the reload to be confirmed.
+    binds
+        The ``ADDRESS:PORT`` listeners of the config. When another process
+        holds one, the state fails without reloading: a reload that cannot
+        bind pauses the running listeners while HAProxy retries.
 
     Changes are ``{'old': {'config', 'workers'}, 'new': {'config', 'worker'}}``.
     """
@@ -104,6 +110,15 @@ def config_loaded(
         ret["comment"] = (
             f"HAProxy does not answer on {now['master_socket']} after {timeout} s: it is not running"
             " or cannot start with this config (see its container's logs); the next apply tries again"
+        )
+        return ret
+    # A new worker that cannot bind pauses the running one's listeners while it retries: ask first.
+    taken = __salt__["haproxy_runtime.bind_conflicts"](binds or [])
+    if taken:
+        ret["result"] = False
+        ret["comment"] = (
+            f"HAProxy must reload ({reason}), but another process holds {', '.join(taken)}: not reloaded;"
+            " the old worker keeps serving the config it had, and the next apply tries again"
         )
         return ret
     try:

@@ -107,6 +107,10 @@ HAProxy reloads gracefully when its config changes:
     - state_file: {{ haproxy.state_file }}
     - record: {{ haproxy.run_dir }}/loaded.json
     - timeout: {{ haproxy.reload_timeout }}
+    # Checked before the reload: one that cannot bind pauses the live listeners.
+    - binds:
+      - {{ (haproxy.frontend_bind ~ ':' ~ haproxy.frontend_port) | json }}
+      - {{ (haproxy.stats_bind ~ ':' ~ haproxy.stats_port) | json }}
     # watch: under test=True, a change of either says a reload would follow.
     - watch:
       - file: HAProxy config is valid and in place

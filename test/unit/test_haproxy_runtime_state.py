@@ -137,10 +137,14 @@ def test_loaded_names_a_missing_config_file(master, tmp_path):
 class Minion:
     """Stand-ins for haproxy_runtime.loaded/reload, recording the reloads asked for."""
 
-    def __init__(self, verdict: dict, reload_error: str | None = None):
+    def __init__(self, verdict: dict, reload_error: str | None = None, taken: list[str] | None = None):
         self.verdict = verdict
         self.reload_error = reload_error
+        self.taken = taken or []
         self.reloads: list[dict] = []
+
+    def bind_conflicts(self, addresses):
+        return [taken for taken in self.taken if taken.split(" ")[0] in addresses]
 
     def loaded(self, config_file, master_socket=None, record=None, timeout=0):
         if isinstance(self.verdict, Exception):
@@ -160,7 +164,11 @@ class Minion:
 
 
 def run(minion: Minion, test: bool = False, fun: str = "config_loaded", **kwargs) -> dict:
-    state.__salt__ = {"haproxy_runtime.loaded": minion.loaded, "haproxy_runtime.reload": minion.reload}
+    state.__salt__ = {
+        "haproxy_runtime.loaded": minion.loaded,
+        "haproxy_runtime.reload": minion.reload,
+        "haproxy_runtime.bind_conflicts": minion.bind_conflicts,
+    }
     state.__opts__ = {"test": test}
     return getattr(state, fun)("/etc/h/haproxy.cfg", timeout=30, state_file="/run/h/server-state", **kwargs)
 
@@ -227,6 +235,33 @@ def test_a_failed_reload_fails_the_state_with_haproxys_messages():
     assert "Address already in use" in ret["comment"]
     assert "the next apply tries again" in ret["comment"]
     assert len(minion.reloads) == 1
+
+
+def test_a_port_another_process_holds_fails_the_state_without_a_reload():
+    minion = Minion(CHANGED, taken=["0.0.0.0:8553 (Address already in use)"])
+    ret = run(minion, binds=["0.0.0.0:8553", "127.0.0.1:8404"])
+    assert ret["result"] is False and ret["changes"] == {}
+    assert "another process holds 0.0.0.0:8553 (Address already in use): not reloaded" in ret["comment"]
+    assert "the next apply tries again" in ret["comment"]
+    assert minion.reloads == []
+
+
+def test_bind_conflicts_counts_foreign_listeners_not_haproxys():
+    def listener(reuseport: bool) -> socket.socket:
+        sock = socket.socket()
+        if reuseport:  # as HAProxy binds
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        return sock
+
+    with listener(False) as foreign, listener(True) as haproxy:
+        foreign_at = f"127.0.0.1:{foreign.getsockname()[1]}"
+        haproxy_at = f"127.0.0.1:{haproxy.getsockname()[1]}"
+        taken = hr.bind_conflicts([foreign_at, haproxy_at])
+    assert taken == [f"{foreign_at} (Address already in use)"]
+    # Free again, and an address this host does not have yet (free bind, as HAProxy's).
+    assert hr.bind_conflicts([foreign_at, "198.18.255.254:8443"]) == []
 
 
 def test_no_master_fails_without_a_reload():
