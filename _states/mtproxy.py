@@ -110,9 +110,10 @@ def in_haproxy(name, backend, address, port, timeout=60, admin_socket=None, mast
         ret["comment"] = f"HAProxy has no server {backend}/{name} yet; its configuration adds it"
         return ret
     wanted = _endpoint(address, port)
-    status = server["status"].upper()
-    # A drained server shows DRAIN while it is UP, DOWN (weight 0) while it is not.
-    drained = status.startswith(("DRAIN", "MAINT")) or server["weight"] == 0
+    # Anything but UP needs taking back: DRAIN, MAINT, and DOWN, which is also
+    # what a drained server shows until its check passes (the container
+    # serves by now: the state before this one made sure).
+    drained = server["status"].upper().split(" ")[0] != "UP"
     moved = server["addr"] != wanted
     if not moved and not drained:
         ret["comment"] = f"{backend}/{name} is at {wanted} and takes new clients ({server['status']})"

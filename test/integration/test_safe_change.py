@@ -78,7 +78,7 @@ def assert_cell_on(host, pillar: dict, address: str, base_port: int) -> None:
     assert_cell_serves(host, pillar, 3, base_port=base_port)
 
 
-def rollout(host, before: dict, after: dict, address: str, base_port: int, label: str) -> None:
+def rollout(host, before: dict, after: dict, address: str, base_port: int, label: str) -> dict:
     apply(host, before)
     wait_servers_up(host, before, NAMES)
     ids = {name: containers(host)[name]["id"] for name in NAMES}
@@ -93,6 +93,7 @@ def rollout(host, before: dict, after: dict, address: str, base_port: int, label
         assert containers(host)[name]["id"] != ids[name]
     assert_cell_on(host, after, address, base_port)
     assert changed(apply(host, after)) == {}
+    return by_id
 
 
 def test_a_base_port_change_rolls_replicas_to_the_new_ports_without_a_failed_connection(cell):
@@ -102,7 +103,10 @@ def test_a_base_port_change_rolls_replicas_to_the_new_ports_without_a_failed_con
     rollout(host, before, after, host.address, 6101, "base_port 4431 -> 6101")
     # Back, and a shift that overlaps the ports in use (4431 -> 4432 would
     # take mtproxy_2's port): the rollout goes from the last replica down.
-    rollout(host, after, held_clients_pillar(host, replicas=3, base_port=4432), host.address, 4432, "4431 -> 4432")
+    shifted = held_clients_pillar(host, replicas=3, base_port=4432)
+    by_id = rollout(host, after, shifted, host.address, 4432, "base_port 4431 -> 4432")
+    drained = [by_id[f"Replica {name} is drained before it is replaced"]["__run_num__"] for name in NAMES]
+    assert drained == sorted(drained, reverse=True)
 
 
 def test_a_backend_address_change_rolls_replicas_to_the_new_address_without_a_failed_connection(cell):
