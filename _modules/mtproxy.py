@@ -51,6 +51,9 @@ PLACEHOLDER_SECRETS = {
 }
 BACKEND = "mtproxy_replicas"
 REPLICA_PREFIX = "mtproxy_"
+# Container labels: what a container is to the formula, and where a replica listens.
+ROLE_LABEL = "mtproxy-formula.role"
+LISTEN_LABEL = "mtproxy-formula.listen"
 # Where the HAProxy container sees the bind-mounted folders.
 HAPROXY_CONFIG_MOUNT = "/etc/haproxy"
 HAPROXY_RUN_MOUNT = "/run/haproxy"
@@ -479,11 +482,32 @@ def _lookup(settings: dict, key: str) -> Any:
     return node
 
 
-def existing_replicas() -> list[str]:
+def listen_label(address: str, port: int) -> str:
+    """The label that says where a replica container listens: a change of it replaces the container."""
+    host = f"[{address}]" if ":" in address else address
+    return f"{LISTEN_LABEL}={host}:{int(port)}"
+
+
+def _listen(value: str | None) -> tuple[str, int] | None:
+    """``(address, port)`` of a listen label's value; None when it is not one."""
+    host, _, port = (value or "").rpartition(":")
+    if not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def existing_replicas(base_port: int | None = None, backend_address: str | None = None) -> list[dict]:
     """
-    Names of the replica containers (``mtproxy_<n>``) that exist now, running
-    or not, in replica order. Empty when the Docker modules are not loaded yet
-    (a first run on a fresh host).
+    The replica containers that exist now, running or not, in replica order:
+    the containers labelled ``mtproxy-formula.role=replica`` (not their
+    names: a container of another role is never taken for a replica). Each is
+    ``{'name', 'index', 'address', 'port', 'labelled'}``; ``address`` and
+    ``port`` say where it really listens (its ``mtproxy-formula.listen``
+    label). A container made before that label existed is taken to listen on
+    ``backend_address`` and ``base_port`` + index - 1 (``labelled``: False).
+
+    Empty when the Docker modules are not loaded yet (a first run on a fresh
+    host). Any other Docker error is raised: "no replicas" would be a guess.
 
     CLI Example:
 
@@ -491,15 +515,87 @@ def existing_replicas() -> list[str]:
 
         salt '*' mtproxy.existing_replicas
     """
-    if "docker.list_containers" not in __salt__:
+    if "docker.ps" not in __salt__:
         return []
     try:
-        names = __salt__["docker.list_containers"](all=True)
-    except Exception as exc:  # the engine is not up yet: nothing exists
-        log.debug("mtproxy: cannot list containers: %s", exc)
-        return []
-    replicas = [n for n in names if re.match(rf"^{REPLICA_PREFIX}\d+$", n)]
-    return sorted(replicas, key=lambda n: int(n[len(REPLICA_PREFIX) :]))
+        found = __salt__["docker.ps"](all=True, filters={"label": f"{ROLE_LABEL}=replica"})
+    except Exception as exc:  # any Docker failure: refuse to guess
+        raise CommandExecutionError(
+            f"Cannot list the replica containers (label {ROLE_LABEL}=replica) through Docker: {exc}"
+        ) from exc
+    replicas = []
+    for container in found.values():
+        names = [n.lstrip("/") for n in container.get("Names") or []]
+        name = next((n for n in names if re.match(rf"^{REPLICA_PREFIX}\d+$", n)), None)
+        if name is None:
+            log.warning("mtproxy: container %s has label %s=replica but no replica name", names, ROLE_LABEL)
+            continue
+        index = int(name[len(REPLICA_PREFIX) :])
+        listen = _listen((container.get("Labels") or {}).get(LISTEN_LABEL))
+        if listen is None and base_port is not None:
+            listen = (backend_address or "", int(base_port) + index - 1)
+        address, port = listen if listen else ("", None)
+        replicas.append(
+            {
+                "name": name,
+                "index": index,
+                "address": address,
+                "port": port,
+                "labelled": LISTEN_LABEL in (container.get("Labels") or {}),
+            }
+        )
+    return sorted(replicas, key=lambda r: r["index"])
+
+
+def rollout(cell: dict, existing: list[dict]) -> list[dict]:
+    """
+    The replicas of ``cell`` (resolved settings) in the order they are
+    replaced, one at a time: a replica whose new port another existing
+    replica still listens on goes after that one (a base_port raised by less
+    than the replica count rolls from the last replica down). Refused, naming
+    ``mtproxy:base_port``, when no order works: the port is held by a replica
+    this apply removes (only after the rollout), or the moves form a cycle.
+    """
+    held = {r["port"]: r["name"] for r in existing if r["port"] is not None}
+    wanted = {r["name"] for r in cell["replica_list"]}
+    pending = list(cell["replica_list"])
+    order: list[dict] = []
+    while pending:
+        free = [r for r in pending if held.get(r["port"], r["name"]) == r["name"]]
+        if not free:
+            # Follow the chain of waits to what blocks it: a replica to be removed, or a cycle.
+            blocked, seen = pending[0], set()
+            holder = held[blocked["port"]]
+            while holder in wanted and holder not in seen:
+                seen.add(holder)
+                blocked = next(r for r in pending if r["name"] == holder)
+                holder = held[blocked["port"]]
+            why = (
+                f"which is removed only after the rollout (replicas {len(existing)} -> {cell['replicas']}); "
+                "change replicas and base_port in two applies"
+                if holder not in wanted
+                else "and the replicas' moves form a cycle; first apply a base_port whose ports no replica uses now"
+            )
+            used = ", ".join(str(port) for port in sorted(held))
+            _fail(
+                "base_port",
+                cell["base_port"],
+                f"replica {blocked['name']} would move to port {blocked['port']}, where {holder} listens, {why} "
+                f"(ports in use: {used})",
+            )
+        replica = free[0]
+        order.append(replica)
+        pending.remove(replica)
+        held = {port: name for port, name in held.items() if name != replica["name"]}
+        held[replica["port"]] = replica["name"]
+    return order
+
+
+def return_path_ports(cell: dict, existing: list[dict]) -> list[int]:
+    """The ports the return path covers during an apply: the cell's new ports
+    and those existing replicas really listen on, so neither the replicas
+    still on an old port nor the new ones lose their clients' replies."""
+    return sorted(set(cell["ports"]) | {r["port"] for r in existing if r["port"] is not None})
 
 
 def settings() -> dict:
@@ -614,17 +710,16 @@ def status() -> dict:
         except CommandExecutionError:
             return "absent"
 
-    names = sorted(
-        {r["name"] for r in cell["replica_list"]} | set(existing_replicas()),
-        key=lambda n: int(n[len(REPLICA_PREFIX) :]),
-    )
+    # Where each replica listens now (its label), else where the pillar puts it.
+    ports = {r["name"]: r["port"] for r in cell["replica_list"]}
+    ports.update({r["name"]: r["port"] for r in existing_replicas(cell["base_port"], cell["backend_address"])})
     replicas = []
-    for name in names:
+    for name in sorted(ports, key=lambda n: int(n[len(REPLICA_PREFIX) :])):
         server = servers.get(name, {})
         replicas.append(
             {
                 "name": name,
-                "port": cell["base_port"] + int(name[len(REPLICA_PREFIX) :]) - 1,
+                "port": ports[name],
                 "container": container_state(name),
                 "haproxy": server.get("status", "not configured"),
                 "sessions": server.get("scur", 0),
