@@ -2,7 +2,8 @@
 the PROXY protocol loses every kernel rule of ours, yet its mtprotoproxy
 replicas still learn the client namespace's address, now from HAProxy's PROXY
 v2 header; HAProxy's health checks carry the header too, so no replica takes
-them for bad clients.
+them for bad clients. The replicas listen on loopback only, so no client can
+send them a PROXY header of its own.
 
 How a replica's view of the client is observed: mtprotoproxy logs no
 connection, but it logs a replayed handshake with the client's address
@@ -51,11 +52,33 @@ for _ in range(int(sys.argv[5])):
 """
 
 
-def send_replayed_handshake(host, port: int, times: int, client: bool = True, secret: str = SECRET) -> None:
-    """The same valid handshake ``times`` times to ``host.address:port`` (from the client namespace)."""
+SEND_SPOOFED = """
+import socket, struct, sys
+sys.path.insert(0, sys.argv[4])
+from mtproto import handshake
+# A PROXY v2 header (TCP over IPv4) that claims the client is sys.argv[3].
+header = b"\\r\\n\\r\\n\\x00\\r\\nQUIT\\n" + bytes([0x21, 0x11]) + struct.pack(
+    "!H4s4sHH", 12, socket.inet_aton(sys.argv[3]), socket.inet_aton(sys.argv[1]), 40000, int(sys.argv[2])
+)
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as conn:
+        conn.sendall(header + handshake(sys.argv[5]))
+        print("accepted")
+except ConnectionRefusedError:
+    print("refused")
+"""
+SPOOFED_CLIENT = "203.0.113.77"
+
+
+def send_replayed_handshake(
+    host, port: int, times: int, client: bool = True, secret: str = SECRET, address: str | None = None
+) -> None:
+    """The same valid handshake ``times`` times to ``address:port`` (default the
+    host's own address; from the client namespace unless ``client`` is false)."""
     test_dir = str(Path(__file__).resolve().parents[1])
     runner = host.client_run if client else host.run
-    runner([sys.executable, "-c", SEND_REPEATED, host.address, str(port), secret, test_dir, str(times)], timeout=60)
+    target = address or host.address
+    runner([sys.executable, "-c", SEND_REPEATED, target, str(port), secret, test_dir, str(times)], timeout=60)
 
 
 def replica_logs(host, since: float = 0) -> str:
@@ -133,13 +156,34 @@ def test_health_checks_are_not_bad_clients_but_bare_connections_are(switched):
     host, _, _, _, switched_at = switched
     time.sleep(3)  # a few check rounds (inter 1s) since the switch
     assert "sent bad proxy protocol headers" not in replica_logs(host, since=switched_at)
-    # Control: a connection without the header, straight to a replica, is one.
+    # Control: a connection without the header, straight to a replica (on
+    # loopback, inside the host), is one.
     sent_at = time.time()
-    send_replayed_handshake(host, BASE_PORT, times=1, client=False)
+    send_replayed_handshake(host, BASE_PORT, times=1, client=False, address="127.0.0.1")
     deadline = time.monotonic() + 10
     while "sent bad proxy protocol headers" not in replica_logs(host, sent_at) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert f"Client from {host.address} sent bad proxy protocol headers" in replica_logs(host, sent_at)
+    assert "Client from 127.0.0.1 sent bad proxy protocol headers" in replica_logs(host, sent_at)
+
+
+def test_a_client_cannot_send_a_replica_a_spoofed_header(switched):
+    """The replicas trust any PROXY header, so only HAProxy may reach them: they
+    listen on loopback. A header claiming another client, sent straight to a
+    replica port from the client namespace, is refused; through HAProxy the
+    client's real address still arrives."""
+    host, pillar, _, _, _ = switched
+    listening = host.run(["ss", "-Hltn"]).stdout.split()
+    for port in (BASE_PORT, BASE_PORT + 1):
+        assert f"127.0.0.1:{port}" in listening
+        assert not [word for word in listening if word.endswith(f":{port}") and word != f"127.0.0.1:{port}"]
+    test_dir = str(Path(__file__).resolve().parents[1])
+    sent_at = time.time()
+    for port in (BASE_PORT, BASE_PORT + 1):
+        args = [sys.executable, "-c", SEND_SPOOFED, host.address, str(port), SPOOFED_CLIENT, test_dir, SECRET]
+        assert host.client_run(args, timeout=30).stdout.split() == ["refused"], port
+    wait_servers_up(host, pillar, replica_names(2))
+    send_replayed_handshake(host, FRONTEND_PORT, times=8)
+    assert detected_after(host, sent_at, wait=10) == {host.client_address}
 
 
 def test_status_and_a_second_apply(switched):
