@@ -7,6 +7,10 @@ and is restarted by its restart policy again and again often looks
 connections on its port? When it does not, the comment names the container
 and shows its last log lines.
 
+``in_haproxy`` takes a replica back into HAProxy after its replacement: at
+its new address and port (at run time; the config file follows after the
+whole rollout), ready, UP.
+
 .. code-block:: yaml
 
     Replica mtproxy_1 accepts connections on port 4431:
