@@ -1,6 +1,6 @@
-"""Bad input, secrets, stats exposure, reboot and faults (issue 8), with real
-parts in a test host: one cell, deployed by the formula, shared by the tests
-below in file order."""
+"""Secrets, stats exposure, reboot and faults (issue 8), with real parts in a
+test host: one cell, deployed by the formula, shared by the tests below in
+file order. Bad input is test_bad_input.py (one live cell, every class)."""
 
 from __future__ import annotations
 
@@ -48,21 +48,6 @@ def salt_apply(host, pillar: dict, config_dir):
     return result, json.dumps(result)
 
 
-def snapshot(host) -> dict:
-    files = {}
-    root = host.workdir / "etc-mtproxy"
-    for path in sorted(root.rglob("*")):
-        info = path.stat()
-        files[str(path)] = (oct(info.st_mode), path.read_bytes() if path.is_file() else None)
-    return {
-        "containers": containers(host),
-        "rules": ip_rules(host),
-        "routes": table_routes(host),
-        "mangle": mangle_output(host),
-        "files": files,
-    }
-
-
 @pytest.fixture(scope="module")
 def cell(testhost):
     """A 2-replica cell deployed with an explicit secret; the minion log file at
@@ -76,44 +61,6 @@ def cell(testhost):
     assert not failed(result), text[:20000]
     # Salt opens its log file at start: an empty log is a quiet run, a missing one a broken test.
     return host, pillar, config_dir, {"result": result, "text": text, "log": log.read_text()}
-
-
-# -- 1. bad input -------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"replicas": 0}, "Pillar mtproxy:replicas is 0"),
-        ({"secret": "abc"}, "Pillar mtproxy:secret"),
-        ({"haproxy": {"stats_bind": "0.0.0.0"}}, "Pillar mtproxy:haproxy:stats_bind is '0.0.0.0'"),
-        ({"replicas": "two"}, "Pillar mtproxy:replicas is 'two'"),
-        ({"haproxy": {"frontend_port": 4432}}, "Pillar mtproxy:haproxy:frontend_port is 4432"),
-        ({"haproxy": {"balance": "random"}}, "Pillar mtproxy:haproxy:balance is 'random'"),
-        ({"tproxy": {"method": "dnat"}}, "Pillar mtproxy:tproxy:method is 'dnat'"),
-        ({"image": "Bad Image!"}, "Pillar mtproxy:image is 'Bad Image!'"),
-    ],
-    ids=[
-        "replicas-0",
-        "secret-abc",
-        "public-stats-without-auth",
-        "replicas-not-int",
-        "frontend-in-replica-range",
-        "unknown-balance",
-        "unknown-method",
-        "not-an-image",
-    ],
-)
-def test_bad_pillar_stops_before_the_host_changes(cell, overrides, message):
-    host, pillar, config_dir, _ = cell
-    before = snapshot(host)
-    bad = cell_pillar(host, **{"secret": SECRET, **overrides})
-    result, text = salt_apply(host, bad, config_dir)
-    # A render error: no state ran at all.
-    assert not isinstance(result, dict) or not any("__id__" in v for v in result.values()), text[:5000]
-    assert message in text, text[:5000]
-    assert snapshot(host) == before
-    assert_cell_serves(host, pillar, 2, connections=10)
 
 
 # -- 2. secrets, file modes, stats ----------------------------------------------
