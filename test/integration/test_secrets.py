@@ -84,6 +84,30 @@ def test_the_cell_serves_the_secrets_it_hides(deployed):
     assert ROTATED in config and EXTRA in config and SECRET not in config
 
 
+def test_the_replicas_run_hardened(deployed):
+    """What the kernel applies to each replica's process (seen from the host's
+    /proc): no capability, no-new-privileges, and the pillar's limits."""
+    host, _, _ = deployed
+    for name in ("mtproxy_1", "mtproxy_2", "mtproxy_3"):
+        config = json.loads(host.docker("inspect", name).stdout)[0]["HostConfig"]
+        assert config["ReadonlyRootfs"] is True and config["PidsLimit"] == 512
+        assert config["Memory"] == 512 * 1024 * 1024
+        init = json.loads(host.docker("inspect", "-f", "{{json .State.Pid}}", name).stdout)
+        # The replica is the child of docker-init.
+        child = host.run(["pgrep", "-P", str(init)]).stdout.split()[0]
+        status = dict(
+            line.split(":\t", 1)
+            for line in host.run(["cat", f"/proc/{child}/status"]).stdout.splitlines()
+            if ":\t" in line
+        )
+        assert status["CapEff"].strip() == "0" * 16 and status["CapBnd"].strip() == "0" * 16
+        assert status["NoNewPrivs"].strip() == "1"
+        limits = host.run(["cat", f"/proc/{child}/limits"]).stdout
+        assert [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")] == [
+            ["16384", "16384"]
+        ]
+
+
 def test_no_secret_on_any_command_line(deployed):
     """Every process of the machine, the replicas' Python included (they read
     their secrets from their 0600 config file)."""
