@@ -146,7 +146,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     if args.stdin:
         await loop.run_in_executor(None, sys.stdin.readline)
     ready.set()
-    if args.stdin:
+    if args.stdin and not args.packets:
         stdin_closed = loop.run_in_executor(None, sys.stdin.read)
         stdin_closed.add_done_callback(lambda _: stop.set())
     sessions = await asyncio.gather(*tasks)

@@ -22,6 +22,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,12 +30,14 @@ import pytest
 from cell import (
     BASE_PORT,
     FRONTEND_PORT,
+    admin_socket,
     apply,
     cell_pillar,
     changed,
     containers,
     replica_names,
     wait_servers_up,
+    wait_status,
 )
 from standin_dc import StandIn, derive_image
 
@@ -45,6 +48,7 @@ TLS_DOMAIN = "tls.example.test"
 TRAFFIC = Path(__file__).resolve().parents[1] / "traffic.py"
 TRANSPORTS = ("abridged", "intermediate", "secure", "tls")  # classic, classic, secure (dd), tls (ee)
 SESSIONS, PACKETS = 20, 50
+SESSION = re.compile(r" src=[\d.]+:(\d+) .*?\bsrv=(\S+)")
 DETECTED = re.compile(r"Active fingerprinting detected from (\S+?),")
 REPLAY = """
 import socket, sys, time
@@ -138,6 +142,19 @@ def addresses_replicas_log(host, count: int, replays: int = 6) -> set[str]:
     return seen
 
 
+def server_of_client_port(host, pillar: dict) -> dict[int, str]:
+    """HAProxy's sessions (``show sess``): the client's source port -> the replica it relays to."""
+    out = subprocess.run(
+        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{admin_socket(pillar)}"],
+        input="show sess\n",
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=True,
+    ).stdout
+    return {int(port): server for port, server in SESSION.findall(out)}
+
+
 def container_pid(host, name: str) -> int:
     return int(host.docker("inspect", "--format", "{{.State.Pid}}", name).stdout)
 
@@ -201,10 +218,9 @@ def test_every_transport_round_trips_through_the_cell(standin, client_ip):
         assert after["tags"][tag] - before["tags"].get(tag, 0) == SESSIONS, after
         assert after["bytes_out"] == after["bytes_in"]
         if client_ip == "tproxy":
-            # Each session's replica socket has the client's own address and port.
-            sessions = {(host.client_address, port) for port in traffic.ports}
-            held = {peer for peer_list in peers.values() for peer in peer_list}
-            assert sessions <= held, (traffic.ports, peers)
+            # The replicas' own sockets of the sessions have the client's address.
+            held = [address for peer_list in peers.values() for address, _ in peer_list]
+            assert held.count(host.client_address) == SESSIONS and set(held) == {host.client_address}, peers
             assert all(peers[n] for n in (1, 2)), f"a replica got no session: {peers}"
     print(f"\nreal traffic ({client_ip}):", json.dumps(measured))
     assert addresses_replicas_log(host, 2) == {host.client_address}
@@ -221,9 +237,9 @@ def test_a_killed_replica_costs_only_its_own_sessions(standin):
         host, "secure", "--sessions", str(SESSIONS), "--packets", "0", "--interval", "0.05", "--reconnect", stdin=True
     )
     try:
-        peers = peers_by_replica(host, 2)
-        on = {n: {port for address, port in peers[n] if address == host.client_address} for n in (1, 2)}
-        assert on[1] and on[2] and on[1] | on[2] == set(traffic.ports), (on, traffic.ports)
+        servers = server_of_client_port(host, pillar)
+        on = {n: {port for port in traffic.ports if servers.get(port) == f"mtproxy_{n}"} for n in (1, 2)}
+        assert on[1] and on[2] and on[1] | on[2] == set(traffic.ports), (on, servers, traffic.ports)
         traffic.go()
         time.sleep(2)
         host.run(["kill", "-KILL", str(container_pid(host, "mtproxy_1"))])
@@ -258,29 +274,66 @@ def test_a_killed_replica_costs_only_its_own_sessions(standin):
 
 def test_sessions_outlive_reloads_and_a_scale_up_and_down(standin):
     """5 HAProxy config reloads, then 2 -> 4 -> 2 replicas, while 20 sessions
-    exchange packets: no mismatch, no broken session (all are on the kept replicas)."""
+    exchange packets: no mismatch, no broken session on the kept replicas.
+    20 more sessions, opened once there are 4 replicas, land on the ones
+    removed next too; they end while those drain (default drain_timeout, 30 s):
+    the drains wait for them, and none breaks."""
     host, image, _ = standin
-    balances = [
-        traffic_pillar(host, image, haproxy={"balance": b}, drain_timeout=5) for b in ("roundrobin", "leastconn")
-    ]
+    balances = [traffic_pillar(host, image, haproxy={"balance": b}) for b in ("roundrobin", "leastconn")]
     apply(host, balances[1])
     wait_servers_up(host, balances[1], replica_names(2))
     traffic = Traffic(host, "secure", "--sessions", str(SESSIONS), "--packets", "0", "--interval", "0.1", stdin=True)
+    late = None
     reloads = 0
     try:
         traffic.go()
         for i in range(5):
             reloads += "HAProxy reloads gracefully when its config changes" in changed(apply(host, balances[i % 2]))
-        four = traffic_pillar(host, image, replicas=4, drain_timeout=5)
+        four = traffic_pillar(host, image, replicas=4)
         apply(host, four)
         wait_servers_up(host, four, replica_names(4))
-        apply(host, traffic_pillar(host, image, replicas=2, drain_timeout=5))
+        late = Traffic(host, "secure", "--sessions", str(SESSIONS), "--packets", "0", "--interval", "0.1", stdin=True)
+        late_on = server_of_client_port(host, four)
+        late.go()
+        results: list[dict] = []
+        scale_down = threading.Thread(
+            target=lambda: results.append(apply(host, traffic_pillar(host, image, replicas=2)))
+        )
+        scale_down.start()
+        # The late sessions end once their replicas drain: as a client would, mid-drain.
+        wait_status(host, four, "mtproxy_3", "DRAIN", timeout=180)
+        time.sleep(1)
+        late_report = late.report()
+        scale_down.join(timeout=300)
         report = traffic.report()
     finally:
         traffic.kill()
+        if late:
+            late.kill()
+    result = results[0]
+    by_id = {v["__id__"]: v for v in result.values()}
+    drains = {
+        n: by_id[f"Extra replica {n} is drained"]["changes"]["haproxy_runtime.drain"] for n in replica_names(4)[2:]
+    }
+    on_removed = sum(1 for port in late.ports if late_on.get(port) in drains)
     summary = {k: report[k] for k in ("sessions", "failed", "packets", "mismatches", "seconds")}
-    print("\nreloads and scaling:", json.dumps({"reloads": reloads, **summary}))
+    late_summary = {k: late_report[k] for k in ("sessions", "failed", "packets", "mismatches", "seconds")}
+    print(
+        "\nreloads and scaling:",
+        json.dumps(
+            {"reloads": reloads, "held": summary, "late": late_summary, "late_on_removed": on_removed, "drains": drains}
+        ),
+    )
     assert reloads == 5
     assert set(containers(host)) == {*replica_names(2), "mtproxy_haproxy"}
     assert [s["error"] for s in report["each"] if s["error"]] == []
     assert report["mismatches"] == 0 and report["packets"] >= SESSIONS * 10, summary
+    # The late sessions: each removed replica had some, none broke, and they
+    # ended before their replicas were removed.
+    assert all(n in late_on.values() for n in drains), late_on
+    assert [s["error"] for s in late_report["each"] if s["error"]] == []
+    assert late_report["packets"] >= SESSIONS and late_report["mismatches"] == 0, late_summary
+    # The drains run one after the other: the first waits for the late sessions.
+    assert drains["mtproxy_3"]["waited"] > 0.5, drains
+    for name, drain in drains.items():
+        assert drain["drained"] is True and drain["sessions_left"] == 0, (name, drain)
