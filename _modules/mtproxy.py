@@ -496,6 +496,15 @@ def _listen(value: str | None) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def _engine_socket_exists() -> bool:
+    """Whether the Docker endpoint Salt uses is a unix socket that exists (or not a unix socket at all)."""
+    url = __salt__["config.option"]("docker.url", "") or os.environ.get("DOCKER_HOST", "")
+    url = url or "unix:///var/run/docker.sock"
+    if not url.startswith("unix://"):
+        return True  # a TCP endpoint: its absence is an error worth showing
+    return os.path.exists(url[len("unix://") :])
+
+
 def existing_replicas(base_port: int | None = None, backend_address: str | None = None) -> list[dict]:
     """
     The replica containers that exist now, running or not, in replica order:
@@ -519,7 +528,11 @@ def existing_replicas(base_port: int | None = None, backend_address: str | None 
         return []
     try:
         found = __salt__["docker.ps"](all=True, filters={"label": f"{ROLE_LABEL}=replica"})
-    except Exception as exc:  # any Docker failure: refuse to guess
+    except Exception as exc:  # any Docker failure but "no engine at all": refuse to guess
+        if not _engine_socket_exists():
+            # A fresh host with the Docker SDK but no engine yet: engine.sls installs it.
+            log.info("mtproxy: no Docker engine socket yet, so no replicas: %s", exc)
+            return []
         raise CommandExecutionError(
             f"Cannot list the replica containers (label {ROLE_LABEL}=replica) through Docker: {exc}"
         ) from exc

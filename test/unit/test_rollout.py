@@ -70,3 +70,23 @@ def test_a_listen_label_reads_back(address):
     key, value = mtproxy.listen_label(address, 6101).split("=", 1)
     assert key == mtproxy.LISTEN_LABEL
     assert mtproxy._listen(value) == (address, 6101)
+
+
+def failing_docker_ps(**kwargs):
+    raise RuntimeError("Error while fetching server API version: connection refused")
+
+
+def test_a_docker_error_fails_the_render_when_the_engine_socket_exists(monkeypatch, tmp_path):
+    socket_path = tmp_path / "docker.sock"
+    socket_path.touch()
+    monkeypatch.setitem(mtproxy.__salt__, "docker.ps", failing_docker_ps)
+    monkeypatch.setitem(mtproxy.__salt__, "config.option", lambda key, default=None: f"unix://{socket_path}")
+    with pytest.raises(mtproxy.CommandExecutionError, match=r"Cannot list the replica containers.*connection refused"):
+        mtproxy.existing_replicas()
+
+
+def test_no_engine_socket_yet_means_no_replicas(monkeypatch, tmp_path):
+    # A fresh host with the Docker SDK but no engine: engine.sls installs it later in the run.
+    monkeypatch.setitem(mtproxy.__salt__, "docker.ps", failing_docker_ps)
+    monkeypatch.setitem(mtproxy.__salt__, "config.option", lambda key, default=None: f"unix://{tmp_path}/absent.sock")
+    assert mtproxy.existing_replicas() == []
