@@ -104,12 +104,17 @@ async def serve_session(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         writer.close()
 
 
-async def main_async(listen: str, status: Path) -> None:
+async def start(listen: str, counters: Counters) -> asyncio.Server:
+    """The stand-in's server on ``ADDRESS:PORT`` (port 0: any free one)."""
     address, port = listen.rsplit(":", 1)
-    counters = Counters(status)
-    server = await asyncio.start_server(
+    return await asyncio.start_server(
         lambda r, w: serve_session(r, w, counters), address, int(port), reuse_address=True, backlog=1024
     )
+
+
+async def main_async(listen: str, status: Path) -> None:
+    counters = Counters(status)
+    server = await start(listen, counters)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
