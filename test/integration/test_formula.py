@@ -140,13 +140,13 @@ def test_invalid_haproxy_config_never_goes_live(cell):
     good = cell_pillar(host, replicas=1)
     live = host.workdir / "etc-mtproxy" / "haproxy" / "haproxy.cfg"
     before = live.read_text()
-    # Passes the formula's own checks, but HAProxy rejects it.
-    bad = cell_pillar(host, replicas=1, haproxy={"timeout_client": "forever"})
+    # Passes the schema (a raw server option string is HAProxy's to judge), but HAProxy rejects it.
+    bad = cell_pillar(host, replicas=1, haproxy={"health_check": {"options": "check inter forever"}})
     result = apply(host, bad, check=False)
     bad_states = failed(result)
     config_state = [v for v in bad_states.values() if v["__id__"] == "HAProxy config is valid and in place"]
     assert config_state, f"the config state did not fail: {list(bad_states)}"
-    assert "timeout" in config_state[0]["comment"].lower()
+    assert "inter" in config_state[0]["comment"].lower()
     assert live.read_text() == before
     assert_cell_serves(host, good, 1)
 
