@@ -119,7 +119,11 @@ def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stub
         ({"modes": "secure"}, "mtproxy:modes", "use a list (up to 3) of classic | secure | tls"),
         ({"modes": ["fast"]}, "mtproxy:modes:0", "use one of classic, secure, tls"),
         ({"extra_secrets": ["abc"]}, "mtproxy:extra_secrets:0", "32 hex characters"),
-        ({"extra_secrets": "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"}, "mtproxy:extra_secrets", "a list (up to 15) of 32 hex characters"),
+        (
+            {"extra_secrets": "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"},
+            "mtproxy:extra_secrets",
+            "a list (up to 15) of 32 hex characters",
+        ),
         ({"secret": SECRET, "extra_secrets": [SECRET]}, "mtproxy:extra_secrets", "must differ"),
         ({"extra_secrets": [f"{i:02x}" * 16 for i in range(17, 33)]}, "mtproxy:extra_secrets", "up to 15"),
         (
