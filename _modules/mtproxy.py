@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import pathlib
 import re
 import secrets
 import urllib.parse
@@ -505,6 +506,28 @@ def _engine_socket_exists() -> bool:
     return os.path.exists(url[len("unix://") :])
 
 
+def _labelled(role: str) -> list[dict]:
+    """The containers (``docker ps`` entries) labelled ``mtproxy-formula.role=<role>``, running or not.
+
+    None when the Docker modules are not loaded yet (a first run on a fresh
+    host), or when there is no engine socket at all. Any other Docker error is
+    raised: "none" would be a guess.
+    """
+    if "docker.ps" not in __salt__:
+        return []
+    try:
+        found = __salt__["docker.ps"](all=True, filters={"label": f"{ROLE_LABEL}={role}"})
+    except Exception as exc:  # any Docker failure but "no engine at all": refuse to guess
+        if not _engine_socket_exists():
+            # A fresh host with the Docker SDK but no engine yet: engine.sls installs it.
+            log.info("mtproxy: no Docker engine socket yet, so no %s containers: %s", role, exc)
+            return []
+        raise CommandExecutionError(
+            f"Cannot list the {role} containers (label {ROLE_LABEL}={role}) through Docker: {exc}"
+        ) from exc
+    return list(found.values())
+
+
 def existing_replicas(base_port: int | None = None, backend_address: str | None = None) -> list[dict]:
     """
     The replica containers that exist now, running or not, in replica order:
@@ -524,20 +547,8 @@ def existing_replicas(base_port: int | None = None, backend_address: str | None 
 
         salt '*' mtproxy.existing_replicas
     """
-    if "docker.ps" not in __salt__:
-        return []
-    try:
-        found = __salt__["docker.ps"](all=True, filters={"label": f"{ROLE_LABEL}=replica"})
-    except Exception as exc:  # any Docker failure but "no engine at all": refuse to guess
-        if not _engine_socket_exists():
-            # A fresh host with the Docker SDK but no engine yet: engine.sls installs it.
-            log.info("mtproxy: no Docker engine socket yet, so no replicas: %s", exc)
-            return []
-        raise CommandExecutionError(
-            f"Cannot list the replica containers (label {ROLE_LABEL}=replica) through Docker: {exc}"
-        ) from exc
     replicas = []
-    for container in found.values():
+    for container in _labelled("replica"):
         names = [n.lstrip("/") for n in container.get("Names") or []]
         name = next((n for n in names if re.match(rf"^{REPLICA_PREFIX}\d+$", n)), None)
         if name is None:
@@ -558,6 +569,76 @@ def existing_replicas(base_port: int | None = None, backend_address: str | None 
             }
         )
     return sorted(replicas, key=lambda r: r["index"])
+
+
+def refuse_live_restart(cell: dict) -> None:
+    """
+    Refuse, naming the key, what a live cell cannot take one replica at a
+    time. Called while replicas.sls renders, so nothing has changed yet.
+
+    - ``client_ip``: HAProxy sends PROXY headers to every server or to none,
+      and a transparent connection cannot reach a loopback replica: halfway
+      through a rollout every client of the switched replicas would fail.
+      Refused on a live cell.
+    - Whatever recreates the HAProxy container (``haproxy:image``, also a
+      rebuilt image under the same name, ``config_dir``, ``run_dir``): it cuts
+      every connection HAProxy holds. Refused unless
+      ``haproxy:allow_restart`` is true for that apply.
+    - ``haproxy:container`` (a rename): the new container could not bind the
+      frontend while the old one holds it. Refused on a live cell.
+    """
+    haproxy = cell["haproxy"]
+    live = _labelled("haproxy")
+    if not live:
+        return
+    names = [n.lstrip("/") for n in live[0].get("Names") or []]
+    if haproxy["container"] not in names:
+        _fail(
+            "haproxy:container",
+            haproxy["container"],
+            f"the cell's HAProxy runs as {names[0] if names else live[0].get('Id', '?')[:12]}; a renamed HAProxy "
+            "could not bind the frontend while the live one holds it: keep the name, or remove the cell first "
+            "(mtproxy.clean with the old name)",
+        )
+    container = __salt__["docker.inspect_container"](names[0])
+    # host folder -> where HAProxy sees it
+    binds = dict(bind.split(":")[:2] for bind in (container.get("HostConfig") or {}).get("Binds") or [])
+    config_folder = next((host for host, inside in binds.items() if inside == HAPROXY_CONFIG_MOUNT), None)
+    try:
+        loaded = pathlib.Path(config_folder or "/nonexistent", "haproxy.cfg").read_text(encoding="utf-8")
+    except OSError:
+        loaded = ""
+    if loaded:
+        live_mode = "proxy_protocol" if "send-proxy-v2" in loaded else "tproxy"
+        if live_mode != cell["client_ip"]:
+            _fail(
+                "client_ip",
+                cell["client_ip"],
+                f"the live cell runs {live_mode}, and a switch cannot roll one replica at a time (HAProxy sends "
+                "PROXY headers to every replica or to none): keep it, or switch in a maintenance window "
+                "(mtproxy.clean, then apply)",
+            )
+    if haproxy.get("allow_restart"):
+        return
+    for key, folder in (("config_dir", haproxy["config_dir"]), ("run_dir", haproxy["run_dir"])):
+        if binds and folder not in binds:
+            _fail(
+                key,
+                cell[key],
+                "the live HAProxy container mounts another folder, and a new one means a new container, which "
+                "cuts every connection it holds: keep it, or set mtproxy:haproxy:allow_restart: true for this apply",
+            )
+    try:
+        wanted = __salt__["docker.inspect_image"](haproxy["image"])["Id"]
+    except Exception:  # not here: the state's pull fails before it touches the container
+        return
+    if container.get("Image") != wanted:
+        _fail(
+            "haproxy:image",
+            haproxy["image"],
+            f"it is {wanted[:19]}, the live HAProxy runs {str(container.get('Image'))[:19]}; replacing the container "
+            "cuts every connection it holds: set mtproxy:haproxy:allow_restart: true for this apply to accept that",
+        )
 
 
 def rollout(cell: dict, existing: list[dict]) -> list[dict]:

@@ -521,6 +521,7 @@ SCHEMA: dict[str, Spec] = {
         "use HAProxy server options as words separated by single spaces",
     ),
     "haproxy:reload_timeout": Int(1, 3600),
+    "haproxy:allow_restart": Bool(),
     # Unit files go where systemd looks for the administrator's units.
     "boot:unit_dir": Path(system_ok=frozenset({"/etc/systemd/system", "/run/systemd/system"})),
     "boot:unit_name": Name(suffix=".service"),

@@ -9,6 +9,9 @@
 {#- One at a time, in an order where no replica's new port is still taken by
     another (a refused port change fails the render here). #}
 {%- set rollout = salt['mtproxy.rollout'](mtproxy, existing) %}
+{#- A client_ip switch, or a change that recreates HAProxy without
+    haproxy:allow_restart, fails the render here: nothing has changed yet. #}
+{%- do salt['mtproxy.refuse_live_restart'](mtproxy) %}
 
 include:
   - .host

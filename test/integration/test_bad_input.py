@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from cell import apply, assert_cell_serves, cell_pillar, host_snapshot
+from cell import apply, assert_cell_serves, cell_pillar, changed, host_snapshot
 from hypothesis import HealthCheck, given, reject
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -110,6 +110,10 @@ CASES: list[tuple[str, dict, str]] = [
     # new keys
     ("pids-too-low", {"replica_limits": {"pids": 1}}, "replica_limits:pids is 1"),
     ("memory-bad-unit", {"replica_limits": {"memory": "1x"}}, "replica_limits:memory is '1x'"),
+    # valid pillars that a live cell cannot take one replica at a time
+    ("client-ip-switch-on-a-live-cell", {"client_ip": "proxy_protocol"}, "client_ip is 'proxy_protocol'"),
+    ("haproxy-rename-on-a-live-cell", {"haproxy": {"container": "edge"}}, "haproxy:container is 'edge'"),
+    ("config-dir-move-on-a-live-cell", {"config_dir": "{config_dir}-moved"}, "config_dir is '{config_dir}-moved'"),
 ]
 
 
@@ -279,3 +283,18 @@ def test_every_accepted_pillar_renders_configs_that_parse(testhost, monkeypatch)
     )
     bad = [Path(line).stem for line in proc.stdout.split()]
     assert not bad, "haproxy -c refused: " + json.dumps([accepted[int(i)] for i in bad[:5]], indent=1)
+
+
+def test_a_new_haproxy_image_is_refused_until_a_restart_is_allowed(cell):
+    """A new HAProxy image means a new container, which cuts every connection
+    HAProxy holds: refused on the live cell, applied with haproxy:allow_restart."""
+    host, pillar, before = cell
+    image = "mtproxy-formula/haproxy:rebuilt"
+    host.docker("commit", "mtproxy_haproxy", image)
+    old_id = host.docker("inspect", "-f", "{{.Id}}", "mtproxy_haproxy").stdout.strip()
+    assert_refused_unchanged(host, pillar, before, {"haproxy": {"image": image}}, f"haproxy:image is '{image}'")
+    allowed = {"mtproxy": {**pillar["mtproxy"], "haproxy": {"image": image, "allow_restart": True}}}
+    apply(host, allowed)
+    assert host.docker("inspect", "-f", "{{.Id}}", "mtproxy_haproxy").stdout.strip() != old_id
+    assert_cell_serves(host, allowed, 2, connections=10)
+    assert changed(apply(host, allowed)) == {}

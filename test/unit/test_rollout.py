@@ -90,3 +90,85 @@ def test_no_engine_socket_yet_means_no_replicas(monkeypatch, tmp_path):
     monkeypatch.setitem(mtproxy.__salt__, "docker.ps", failing_docker_ps)
     monkeypatch.setitem(mtproxy.__salt__, "config.option", lambda key, default=None: f"unix://{tmp_path}/absent.sock")
     assert mtproxy.existing_replicas() == []
+
+
+# -- changes a live cell cannot take one replica at a time -------------------------
+
+
+@pytest.fixture
+def live_haproxy(monkeypatch, tmp_path):
+    """A live HAProxy as Docker reports it: its config folder (transparent mode) and image."""
+    resolved = cell(config_dir=str(tmp_path / "etc"), run_dir=str(tmp_path / "run"))
+    haproxy = resolved["haproxy"]
+    config = tmp_path / "etc" / "haproxy"
+    config.mkdir(parents=True)
+    (config / "haproxy.cfg").write_text("backend b\n    source 0.0.0.0 usesrc clientip\n")
+    inspected = {
+        "Image": "sha256:" + "a" * 64,
+        "HostConfig": {"Binds": [f"{config}:/etc/haproxy:ro", f"{haproxy['run_dir']}:/run/haproxy:rw"]},
+    }
+    images = {haproxy["image"]: {"Id": "sha256:" + "a" * 64}, "other/haproxy:2": {"Id": "sha256:" + "b" * 64}}
+    monkeypatch.setitem(mtproxy.__salt__, "docker.ps", lambda **kwargs: {"c1": {"Names": [f"/{haproxy['container']}"]}})
+    monkeypatch.setitem(mtproxy.__salt__, "docker.inspect_container", lambda name: inspected)
+    monkeypatch.setitem(mtproxy.__salt__, "docker.inspect_image", lambda name: images[name])
+    return resolved, config / "haproxy.cfg"
+
+
+def changed_cell(resolved: dict, **changes) -> dict:
+    changed = {**resolved, "haproxy": {**resolved["haproxy"]}}
+    for key, value in changes.items():
+        if key.startswith("haproxy__"):
+            changed["haproxy"][key[len("haproxy__") :]] = value
+        else:
+            changed[key] = value
+    return changed
+
+
+def test_the_live_cell_as_it_runs_is_accepted(live_haproxy):
+    resolved, _ = live_haproxy
+    mtproxy.refuse_live_restart(resolved)
+    mtproxy.refuse_live_restart(changed_cell(resolved, replicas=5, base_port=6101))
+
+
+def test_no_live_haproxy_means_nothing_to_refuse(monkeypatch):
+    monkeypatch.setitem(mtproxy.__salt__, "docker.ps", lambda **kwargs: {})
+    mtproxy.refuse_live_restart(cell(client_ip="proxy_protocol"))
+
+
+def test_a_client_ip_switch_is_refused_on_a_live_cell(live_haproxy):
+    resolved, _ = live_haproxy
+    with pytest.raises(mtproxy.CommandExecutionError, match=r"mtproxy:client_ip is 'proxy_protocol'.*runs tproxy"):
+        mtproxy.refuse_live_restart(changed_cell(resolved, client_ip="proxy_protocol", haproxy__allow_restart=True))
+
+
+def test_a_new_haproxy_image_needs_allow_restart(live_haproxy):
+    resolved, _ = live_haproxy
+    other = changed_cell(resolved, haproxy__image="other/haproxy:2")
+    with pytest.raises(
+        mtproxy.CommandExecutionError, match=r"mtproxy:haproxy:image is 'other/haproxy:2'.*allow_restart"
+    ):
+        mtproxy.refuse_live_restart(other)
+    mtproxy.refuse_live_restart(changed_cell(other, haproxy__allow_restart=True))
+
+
+def test_a_rebuilt_image_under_the_same_name_needs_allow_restart(live_haproxy, monkeypatch):
+    resolved, _ = live_haproxy
+    monkeypatch.setitem(mtproxy.__salt__, "docker.inspect_image", lambda name: {"Id": "sha256:" + "c" * 64})
+    with pytest.raises(mtproxy.CommandExecutionError, match=r"mtproxy:haproxy:image"):
+        mtproxy.refuse_live_restart(resolved)
+
+
+def test_new_folders_need_allow_restart(live_haproxy, tmp_path):
+    resolved, _ = live_haproxy
+    moved = mtproxy.resolve(
+        settings(secret=SECRET, config_dir=str(tmp_path / "elsewhere"), run_dir=resolved["run_dir"])
+    )
+    with pytest.raises(mtproxy.CommandExecutionError, match=r"mtproxy:config_dir is .*elsewhere"):
+        mtproxy.refuse_live_restart(moved)
+    mtproxy.refuse_live_restart(changed_cell(moved, haproxy__allow_restart=True))
+
+
+def test_a_renamed_haproxy_is_refused_on_a_live_cell(live_haproxy):
+    resolved, _ = live_haproxy
+    with pytest.raises(mtproxy.CommandExecutionError, match=r"mtproxy:haproxy:container is 'edge'.*runs as"):
+        mtproxy.refuse_live_restart(changed_cell(resolved, haproxy__container="edge", haproxy__allow_restart=True))
