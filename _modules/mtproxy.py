@@ -63,14 +63,14 @@ REPLICA_CONFIG_MOUNT = "/etc/mtprotoproxy"
 WATCHDOG_STATUS = "return-path.status"
 
 HEALTH_CHECK_PROFILES = {
-    # Measured (DESIGN.md section 3): DOWN in about 1 s, 0 failed new
+    # Measured (docs/measurements.md §3): DOWN in about 1 s, 0 failed new
     # connections per replica crash; observe layer4 marks a dead server down
     # on the first failed client connection.
     "fast": "check inter 1s fastinter 250ms downinter 1s fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down",
     # The original design: DOWN after about 6 s.
     "original": "check inter 3s fall 2 rise 2",
 }
-# What each MTProxy implementation can do (DESIGN.md section 7). A setting a
+# What each MTProxy implementation can do (docs/measurements.md §7). A setting a
 # flavor cannot honour is refused at render time, naming the key.
 FLAVORS: dict[str, dict[str, Any]] = {
     # alexbers/mtprotoproxy, built locally (images/mtprotoproxy).

@@ -3,7 +3,7 @@
 HAProxy's ``source 0.0.0.0 usesrc clientip`` connects to a local replica with
 the client's address as source; the replica's replies must be routed back to
 HAProxy's transparent socket instead of leaving the host. This module keeps
-that kernel state (see DESIGN.md §2), for the ``tproxy`` state and for
+that kernel state (see docs/measurements.md §2), for the ``tproxy`` state and for
 anything that must restore it later (a watchdog, a boot unit):
 
 - always the route ``local 0.0.0.0/0 dev lo table TABLE`` (``::/0`` for IPv6);

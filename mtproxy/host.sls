@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # vim: ft=sls
 # Host preparation for transparent proxying: sysctls, and the policy routing
-# that brings the replicas' replies back to HAProxy (DESIGN.md section 2).
+# that brings the replicas' replies back to HAProxy (docs/measurements.md §2).
 # With client_ip: proxy_protocol none of it is needed: whatever an earlier
 # transparent-mode apply left is removed.
 {%- set tplroot = tpldir.split('/')[0] %}
