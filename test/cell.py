@@ -12,6 +12,8 @@ import csv
 import hashlib
 import io
 import json
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -319,3 +321,56 @@ def host_snapshot(host: TestHost, pillar: dict) -> dict:
         "mangle": mangle_output(host),
         "files": files,
     }
+
+
+def unit_command(host: TestHost, unit: str) -> list[str]:
+    """The ExecStart of ``unit`` as the formula installed it in the host's unit
+    folder (cell_pillar's boot:unit_dir): tests run it themselves, as no
+    systemd runs in a test host."""
+    text = (host.workdir / "systemd" / unit).read_text()
+    line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    return shlex.split(line.removeprefix("ExecStart="))
+
+
+# -- replayed handshakes: what a censor's active probe looks like ------------------
+
+# mtprotoproxy logs a handshake it has seen before, with the client's address.
+DETECTED = re.compile(r"Active fingerprinting detected from (\S+?),")
+_SEND_REPEATED = """
+import socket, sys, time
+sys.path.insert(0, sys.argv[4])
+from mtproto import handshake
+first = handshake(sys.argv[3])
+for _ in range(int(sys.argv[5])):
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as conn:
+        conn.sendall(first)
+        time.sleep(0.3)
+"""
+
+
+def send_replayed_handshake(
+    host: TestHost, port: int, times: int, secret: str, client: bool = True, address: str | None = None
+) -> None:
+    """The same valid handshake for ``secret`` ``times`` times to ``address:port`` (default
+    the host's own address; from the client namespace unless ``client`` is false)."""
+    test_dir = str(Path(__file__).resolve().parent)
+    runner = host.client_run if client else host.run
+    target = address or host.address
+    runner([sys.executable, "-c", _SEND_REPEATED, target, str(port), secret, test_dir, str(times)], timeout=60)
+
+
+def replica_logs(host: TestHost, count: int, since: float = 0) -> str:
+    """What replicas mtproxy_1..``count`` printed since the Unix time ``since``."""
+    logs = (host.docker("logs", "--since", f"{since:.3f}", name) for name in replica_names(count))
+    return "".join(proc.stdout + proc.stderr for proc in logs)
+
+
+def replays_detected(host: TestHost, count: int, since: float, wait: float = 5) -> set[str]:
+    """The addresses replicas mtproxy_1..``count`` logged a replayed handshake from since ``since``
+    (waiting up to ``wait`` s for the first)."""
+    deadline = time.monotonic() + wait
+    while True:
+        seen = set(DETECTED.findall(replica_logs(host, count, since)))
+        if seen or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.3)

@@ -12,7 +12,6 @@ handshake for the cell's secret several times from the client namespace."""
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,10 @@ from cell import (
     failed,
     ip_rules,
     mangle_output,
+    replays_detected,
+    replica_logs,
     replica_names,
+    send_replayed_handshake,
     table_routes,
     wait_servers_up,
 )
@@ -38,18 +40,6 @@ pytestmark = pytest.mark.integration
 SECRET = "6c2f9a41d0b83e57a4c19f0e2d7b6a35"
 SECOND = "91d3e07b5a2c48f6e1b09a7d3c5f2e84"
 UNKNOWN = "2b7e0c94f1a6d35e8c40b92f7a1d6e53"
-DETECTED = re.compile(r"Active fingerprinting detected from (\S+?),")
-
-SEND_REPEATED = """
-import socket, sys, time
-sys.path.insert(0, sys.argv[4])
-from mtproto import handshake
-first = handshake(sys.argv[3])
-for _ in range(int(sys.argv[5])):
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as conn:
-        conn.sendall(first)
-        time.sleep(0.3)
-"""
 
 
 SEND_SPOOFED = """
@@ -70,23 +60,6 @@ except ConnectionRefusedError:
 SPOOFED_CLIENT = "203.0.113.77"
 
 
-def send_replayed_handshake(
-    host, port: int, times: int, client: bool = True, secret: str = SECRET, address: str | None = None
-) -> None:
-    """The same valid handshake ``times`` times to ``address:port`` (default the
-    host's own address; from the client namespace unless ``client`` is false)."""
-    test_dir = str(Path(__file__).resolve().parents[1])
-    runner = host.client_run if client else host.run
-    target = address or host.address
-    runner([sys.executable, "-c", SEND_REPEATED, target, str(port), secret, test_dir, str(times)], timeout=60)
-
-
-def replica_logs(host, since: float = 0) -> str:
-    """What the replicas printed (since the Unix time ``since``)."""
-    logs = (host.docker("logs", "--since", f"{since:.3f}", name) for name in replica_names(2))
-    return "".join(proc.stdout + proc.stderr for proc in logs)
-
-
 def our_rules(host) -> list[str]:
     rules = [line for line in ip_rules(host).splitlines() if "proto 201" in line or "lookup 100" in line]
     rules += [line for line in mangle_output(host).splitlines() if "mtproxy" in line]
@@ -95,13 +68,7 @@ def our_rules(host) -> list[str]:
 
 
 def detected_after(host, sent_at: float, wait: float = 5) -> set[str]:
-    """Addresses the replicas logged a replayed handshake from since ``sent_at``."""
-    deadline = time.monotonic() + wait
-    while True:
-        seen = set(DETECTED.findall(replica_logs(host, since=sent_at)))
-        if seen or time.monotonic() > deadline:
-            return seen
-        time.sleep(0.5)
+    return replays_detected(host, 2, sent_at, wait)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +99,7 @@ def test_replicas_learn_the_client_address_from_the_header(switched):
     host, pillar, _, _, _ = switched
     wait_servers_up(host, pillar, replica_names(2))
     sent_at = time.time()
-    send_replayed_handshake(host, FRONTEND_PORT, times=8)
+    send_replayed_handshake(host, FRONTEND_PORT, 8, SECRET)
     seen = detected_after(host, sent_at, wait=10)
     # The TCP peer of every replica connection is HAProxy on the host's own
     # address; only the PROXY header carries the client namespace's one.
@@ -145,25 +112,25 @@ def test_every_secret_is_served_and_no_other(switched):
     host, pillar, _, _, _ = switched
     wait_servers_up(host, pillar, replica_names(2))
     sent_at = time.time()
-    send_replayed_handshake(host, FRONTEND_PORT, times=8, secret=UNKNOWN)
+    send_replayed_handshake(host, FRONTEND_PORT, 8, UNKNOWN)
     assert detected_after(host, sent_at) == set()
     sent_at = time.time()
-    send_replayed_handshake(host, FRONTEND_PORT, times=8, secret=SECOND)
+    send_replayed_handshake(host, FRONTEND_PORT, 8, SECOND)
     assert detected_after(host, sent_at, wait=10) == {host.client_address}
 
 
 def test_health_checks_are_not_bad_clients_but_bare_connections_are(switched):
     host, _, _, _, switched_at = switched
     time.sleep(3)  # a few check rounds (inter 1s) since the switch
-    assert "sent bad proxy protocol headers" not in replica_logs(host, since=switched_at)
+    assert "sent bad proxy protocol headers" not in replica_logs(host, 2, switched_at)
     # Control: a connection without the header, straight to a replica (on
     # loopback, inside the host), is one.
     sent_at = time.time()
-    send_replayed_handshake(host, BASE_PORT, times=1, client=False, address="127.0.0.1")
+    send_replayed_handshake(host, BASE_PORT, 1, SECRET, client=False, address="127.0.0.1")
     deadline = time.monotonic() + 10
-    while "sent bad proxy protocol headers" not in replica_logs(host, sent_at) and time.monotonic() < deadline:
+    while "sent bad proxy protocol headers" not in replica_logs(host, 2, sent_at) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert "Client from 127.0.0.1 sent bad proxy protocol headers" in replica_logs(host, sent_at)
+    assert "Client from 127.0.0.1 sent bad proxy protocol headers" in replica_logs(host, 2, sent_at)
 
 
 def test_a_client_cannot_send_a_replica_a_spoofed_header(switched):
@@ -182,7 +149,7 @@ def test_a_client_cannot_send_a_replica_a_spoofed_header(switched):
         args = [sys.executable, "-c", SEND_SPOOFED, host.address, str(port), SPOOFED_CLIENT, test_dir, SECRET]
         assert host.client_run(args, timeout=30).stdout.split() == ["refused"], port
     wait_servers_up(host, pillar, replica_names(2))
-    send_replayed_handshake(host, FRONTEND_PORT, times=8)
+    send_replayed_handshake(host, FRONTEND_PORT, 8, SECRET)
     assert detected_after(host, sent_at, wait=10) == {host.client_address}
 
 

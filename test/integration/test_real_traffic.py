@@ -35,7 +35,9 @@ from cell import (
     cell_pillar,
     changed,
     containers,
+    replays_detected,
     replica_names,
+    send_replayed_handshake,
     wait_servers_up,
     wait_status,
 )
@@ -49,17 +51,6 @@ TRAFFIC = Path(__file__).resolve().parents[1] / "traffic.py"
 TRANSPORTS = ("abridged", "intermediate", "secure", "tls")  # classic, classic, secure (dd), tls (ee)
 SESSIONS, PACKETS = 20, 50
 SESSION = re.compile(r" src=[\d.]+:(\d+) .*?\bsrv=(\S+)")
-DETECTED = re.compile(r"Active fingerprinting detected from (\S+?),")
-REPLAY = """
-import socket, sys, time
-sys.path.insert(0, sys.argv[4])
-from mtproto import handshake
-first = handshake(sys.argv[3])
-for _ in range(int(sys.argv[5])):
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as conn:
-        conn.sendall(first)
-        time.sleep(0.3)
-"""
 
 
 def traffic_pillar(host, image: str, client_ip: str = "tproxy", **overrides) -> dict:
@@ -124,22 +115,11 @@ def peers_by_replica(host, count: int) -> dict[int, list[tuple[str, int]]]:
     return seen
 
 
-def replica_logs(host, count: int, since: float) -> str:
-    logs = (host.docker("logs", "--since", f"{since:.3f}", name) for name in replica_names(count))
-    return "".join(proc.stdout + proc.stderr for proc in logs)
-
-
 def addresses_replicas_log(host, count: int, replays: int = 6) -> set[str]:
     """Replay one handshake from the client namespace; the addresses the replicas log it from."""
     since = time.time()
-    test_dir = str(Path(__file__).resolve().parents[1])
-    host.client_run(
-        [sys.executable, "-c", REPLAY, host.address, str(FRONTEND_PORT), SECRET, test_dir, str(replays)], timeout=60
-    )
-    deadline = time.monotonic() + 5
-    while not (seen := set(DETECTED.findall(replica_logs(host, count, since)))) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return seen
+    send_replayed_handshake(host, FRONTEND_PORT, replays, SECRET)
+    return replays_detected(host, count, since)
 
 
 def server_of_client_port(host, pillar: dict) -> dict[int, str]:
