@@ -242,11 +242,12 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             f"flavor {flavor} does not accept the PROXY protocol; use tproxy, or flavor mtprotoproxy or mtg",
         )
     settings["image"] = settings["image"] or capabilities["image"]
-    if flavor == "official" and ports[-1] + OFFICIAL_STATS_OFFSET > 65535:
+    # Every flavor serves its local stats there (the cell exporter reads them).
+    if ports[-1] + OFFICIAL_STATS_OFFSET > 65535:
         _fail(
             "base_port",
             base_port,
-            f"flavor official also uses port+{OFFICIAL_STATS_OFFSET} (local stats) for each replica; "
+            f"each replica also uses port+{OFFICIAL_STATS_OFFSET} (local stats, 127.0.0.1); "
             f"use a base_port up to {65535 - OFFICIAL_STATS_OFFSET - replicas + 1}",
         )
     server_options = haproxy["health_check"]["options"] or HEALTH_CHECK_PROFILES[haproxy["health_check"]["profile"]]
@@ -289,7 +290,7 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             "index": index,
             "port": port,
             "config_dir": f"{config_dir}/replicas/{REPLICA_PREFIX}{index}",
-            # The official image's local stats (127.0.0.1 only).
+            # The replica's local stats (127.0.0.1 only), read by the cell exporter.
             "stats_port": port + OFFICIAL_STATS_OFFSET,
         }
         for index, port in enumerate(ports, start=1)
@@ -829,6 +830,8 @@ def status() -> dict:
         },
         "replicas": replicas,
         "return_path": _return_path(cell),
+        # Per secret (by index): sessions now, sessions and bytes since each replica started.
+        "secrets": __salt__["mtproxy_exporter.secrets"](cell),
     }
 
 

@@ -57,6 +57,10 @@ RESERVED_FILES = 64
 # What each flavor needs beyond nothing: mtproto-proxy's `-u root` calls
 # setgroups(). mtprotoproxy and mtg need none (measured for mtprotoproxy).
 CAPABILITIES = {"mtprotoproxy": [], "official": ["SETGID"], "mtg": []}
+# The mtprotoproxy replicas' entry point (mtproxy/files), in their config folder.
+STATS_HOOK = "stats.py"
+STATS_HOOK_SOURCE = "salt://mtproxy/files/mtprotoproxy_stats.py"
+MTPROTOPROXY = "/usr/local/bin/mtprotoproxy"
 # Where the official wrapper keeps Telegram's proxy secret and DC list.
 OFFICIAL_DATA = "/data"
 
@@ -215,6 +219,13 @@ def _mtg_config(cell: dict, replica: dict) -> str:
                 f"proxy-protocol-listener = {'true' if cell['client_ip'] == 'proxy_protocol' else 'false'}",
                 "# Beyond this, new clients are dropped: two open files each.",
                 f"concurrency = {_max_connections(cell, 2)}",
+                "",
+                "# Read by the cell exporter (mtproxy/exporter).",
+                "[stats.prometheus]",
+                "enabled = true",
+                f'bind-to = "127.0.0.1:{replica["stats_port"]}"',
+                'http-path = "/metrics"',
+                'metric-prefix = "mtg"',
             ]
         )
         + "\n"
@@ -238,6 +249,7 @@ def replica(cell: dict, replica: dict) -> dict[str, Any]:
     entrypoint = None
     reload_signal = None
     binds = [f"{replica['config_dir']}:{mount}:ro"]
+    files: dict[str, str] = {}
     if flavor == "mtprotoproxy":
         if cell.get("max_connections"):
             raise CommandExecutionError(
@@ -245,7 +257,11 @@ def replica(cell: dict, replica: dict) -> dict[str, Any]:
                 " connection limit; use 0 (official and mtg take one)"
             )
         config = _mtprotoproxy_config(cell, replica)
-        command = config_file
+        # Our entry point runs mtprotoproxy and serves its per-user counters
+        # on 127.0.0.1:stats_port for the cell exporter (mtproxy/exporter).
+        entrypoint = "python3"
+        command = f"{mount}/{STATS_HOOK} {replica['stats_port']} {MTPROTOPROXY} {config_file}"
+        files[STATS_HOOK] = STATS_HOOK_SOURCE
         reload_signal = "SIGUSR2"
     elif flavor == "official":
         _max_connections(cell, 1)
@@ -272,6 +288,8 @@ def replica(cell: dict, replica: dict) -> dict[str, Any]:
         "labels": labels,
         "config_file": f"{replica['config_dir']}/{CONFIG_NAMES[flavor]}",
         "config": config,
+        # More files for its config folder (name -> salt:// source).
+        "files": files,
         "reload_signal": reload_signal,
         # More docker_container.running arguments (hardening, limits).
         "container_options": _container_options(cell, replica),

@@ -445,7 +445,7 @@ def SysctlValue() -> Spec:
     return Spec(check, "sysctl value")
 
 
-_SECRET_KEYS = ("secret", "extra_secrets", "haproxy:stats_auth")
+_SECRET_KEYS = ("secret", "extra_secrets", "haproxy:stats_auth", "exporter:auth")
 
 # Every pillar key under mtproxy: (parts joined by ':'), with its type and
 # constraint. Constraints between keys are in _cross_checks.
@@ -529,6 +529,13 @@ SCHEMA: dict[str, Spec] = {
     "boot:python": Path(empty=True),
     "boot:watchdog_unit_name": Name(suffix=".service"),
     "boot:watch_interval": Int(1, 3600),
+    # The cell exporter (mtproxy/exporter): one Prometheus endpoint per cell.
+    "exporter:enable": Bool(),
+    "exporter:bind": Address(),
+    "exporter:port": Int(1, 65535),
+    "exporter:auth": StatsAuth(),
+    "exporter:interval": Int(1, 3600),
+    "exporter:unit_name": Name(suffix=".service"),
 }
 # Mappings of keys above (haproxy, haproxy:health_check, ...).
 _GROUPS = {":".join(key.split(":")[:depth]) for key in SCHEMA for depth in range(1, key.count(":") + 1)}
@@ -658,6 +665,8 @@ def _cross_checks(settings: dict) -> None:
             f"the stats page is public on {haproxy['stats_bind']}: use a password of at least 12 characters",
         )
 
+    _exporter_checks(settings, last)
+
     config_dir, run_dir = settings["config_dir"], settings["run_dir"]
     if _nested(config_dir, run_dir) or _nested(run_dir, config_dir):
         fail("run_dir", run_dir, f"it is or nests with config_dir {config_dir}; give each a folder of its own")
@@ -671,6 +680,25 @@ def _cross_checks(settings: dict) -> None:
                     f"it lies in (or holds) {owner_key} {owner}, which the formula owns and mtproxy.clean "
                     "deletes; keep it outside",
                 )
+
+
+def _exporter_checks(settings: dict, last_port: int) -> None:
+    """The exporter's port is its own; off loopback it needs credentials, as the stats page does."""
+    exporter, haproxy = settings["exporter"], settings["haproxy"]
+    port, base_port = exporter["port"], settings["base_port"]
+    taken = {haproxy["frontend_port"]: "the frontend port", haproxy["stats_port"]: "the stats port"}
+    if port in taken or base_port <= port <= last_port or base_port + 10000 <= port <= last_port + 10000:
+        used = taken.get(port, "used by a replica (its port, or its local stats on port+10000)")
+        fail("exporter:port", port, f"it is {used}; choose another port")
+    if not ipaddress.ip_address(exporter["bind"]).is_loopback:
+        password = exporter["auth"].split(":", 1)[1] if exporter["auth"] else ""
+        if len(password) < 12:
+            fail(
+                "exporter:auth" if exporter["auth"] else "exporter:bind",
+                HIDDEN if exporter["auth"] else exporter["bind"],
+                f'the exporter is public on {exporter["bind"]}: set exporter:auth ("user:password", a password of '
+                "at least 12 characters) or bind it to 127.0.0.1",
+            )
 
 
 def validate(settings: dict) -> dict:

@@ -2,7 +2,8 @@
 # vim: ft=sls
 # Removes everything mtproxy (init.sls) created: containers, return-path
 # rules, config and run folders, the sysctl config file, the boot and watchdog
-# units (the watchdog is stopped before the rules go). The Docker engine,
+# units (the watchdog is stopped before the rules go), the cell exporter's
+# unit. The Docker engine,
 # the Python packages, the kernel's current sysctl values and the generated
 # secret (secret_file, so a redeploy keeps its links) stay.
 {%- set tplroot = tpldir.split('/')[0] %}
@@ -12,6 +13,7 @@
 
 include:
   - .return_path.clean
+  - .exporter.clean
 
 HAProxy container is removed:
   docker_container.absent:

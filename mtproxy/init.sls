@@ -8,4 +8,5 @@ include:
   - .haproxy
   - .boot
   - .watchdog
+  - .exporter
   - .links

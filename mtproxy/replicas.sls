@@ -20,6 +20,10 @@ include:
 {%-   set spec = salt['mtproxy_flavor.replica'](mtproxy, replica) %}
 {#-   Where it listens, as a label: a new port or address replaces it (drained). #}
 {%-   do spec.labels.append(salt['mtproxy.listen_label'](mtproxy.backend_address, replica.port)) %}
+{#-   Its extra files' digests, as labels: a new version replaces it (drained). #}
+{%-   for file, source in spec.files | dictsort %}
+{%-     do spec.labels.append('mtproxy-formula.' ~ file ~ '=' ~ salt['cp.hash_file'](source)['hsum'][:16]) %}
+{%-   endfor %}
 
 Replica {{ replica.name }} has its config:
   file.managed:
@@ -32,6 +36,18 @@ Replica {{ replica.name }} has its config:
     - group: root
     # The file holds the secret: never print it.
     - show_changes: false
+{%-   for file, source in spec.files | dictsort %}
+
+Replica {{ replica.name }} has its {{ file }}:
+  file.managed:
+    - name: {{ replica.config_dir }}/{{ file }}
+    - source: {{ source }}
+    - makedirs: true
+    - dir_mode: '0700'
+    - mode: '0644'
+    - user: root
+    - group: root
+{%-   endfor %}
 
 # A change that replaces the container (image, options, port, address)
 # drains it first and waits until it serves and is UP again: one replica at
@@ -82,6 +98,9 @@ Replica {{ replica.name }} is running on port {{ replica.port }}:
 {%-   endif %}
     - require:
       - file: Replica {{ replica.name }} has its config
+{%-   for file in spec.files | sort %}
+      - file: Replica {{ replica.name }} has its {{ file }}
+{%-   endfor %}
 {%-   if mtproxy.client_ip == 'tproxy' %}
       - tproxy: Replica replies are routed back to HAProxy
 {%-   endif %}

@@ -57,7 +57,10 @@ def test_mtprotoproxy_with_tproxy_reloads_its_config_file():
     resolved = cell(extra_secrets=[SECOND], ad_tag=AD_TAG, tls_domain=DOMAIN, handshake_timeout=30)
     spec = replica_spec(resolved)
     assert spec["image"] == "mtproxy-formula/mtprotoproxy:local"
-    assert spec["entrypoint"] is None and spec["command"] == "/etc/mtprotoproxy/config.py"
+    # Our entry point runs mtprotoproxy and serves its counters on port+10000.
+    assert spec["entrypoint"] == "python3"
+    assert spec["command"] == "/etc/mtprotoproxy/stats.py 14431 /usr/local/bin/mtprotoproxy /etc/mtprotoproxy/config.py"
+    assert spec["files"] == {"stats.py": "salt://mtproxy/files/mtprotoproxy_stats.py"}
     assert spec["binds"] == [f"{resolved['config_dir']}/replicas/mtproxy_1:/etc/mtprotoproxy:ro"]
     assert spec["config_file"].endswith("/replicas/mtproxy_1/config.py")
     assert spec["reload_signal"] == "SIGUSR2"
@@ -111,6 +114,15 @@ def test_mtg_gets_a_toml_file_with_its_fake_tls_secret(client_ip):
         "bind-to": ("203.0.113.10" if client_ip == "tproxy" else "127.0.0.1") + ":4432",
         "proxy-protocol-listener": client_ip == "proxy_protocol",
         "concurrency": (16384 - 64) // 2,
+        # Its Prometheus endpoint on loopback, read by the cell exporter.
+        "stats": {
+            "prometheus": {
+                "enabled": True,
+                "bind-to": "127.0.0.1:14432",
+                "http-path": "/metrics",
+                "metric-prefix": "mtg",
+            }
+        },
     }
     backend = haproxy_backend(resolved)
     assert ("source 0.0.0.0 usesrc clientip" in backend) == (client_ip == "tproxy")
