@@ -318,6 +318,36 @@ def Address(empty: bool = False) -> Spec:
     return Spec(check, "IP address" + (" or empty" if empty else ""))
 
 
+def Network() -> Spec:
+    """An IP network in CIDR notation (host bits allowed: 10.1.2.3/8 is 10.0.0.0/8); a bare address is a /32 or /128."""
+    allowed = "use an IP network such as 10.0.0.0/8 or 2001:db8::/32, or one address"
+
+    def check(key: str, value: Any) -> str:
+        try:
+            return str(ipaddress.ip_network(value, strict=False))
+        except (ValueError, TypeError):
+            fail(key, value, allowed)
+        return ""
+
+    return Spec(check, "IP network (CIDR)")
+
+
+def DurationUpTo(limit: str) -> Spec:
+    """:py:func:`Duration`, at most ``limit`` (e.g. a rate period within its table's expiry)."""
+    duration = Duration()
+    match = DURATION.fullmatch(limit)
+    limit_ms = int(match[1]) * DURATION_MS[match[2] or "ms"]
+
+    def check(key: str, value: Any) -> str:
+        text = duration.check(key, value)
+        number = DURATION.fullmatch(text)
+        if int(number[1]) * DURATION_MS[number[2]] > limit_ms:
+            fail(key, value, f"use an HAProxy duration such as 10s or 1m, up to {limit}")
+        return text
+
+    return Spec(check, f"HAProxy duration up to {limit}")
+
+
 def Host() -> Spec:
     allowed = "use a DNS name such as proxy.example.com or an IP address, or leave it empty"
 
@@ -522,6 +552,19 @@ SCHEMA: dict[str, Spec] = {
     ),
     "haproxy:reload_timeout": Int(1, 3600),
     "haproxy:allow_restart": Bool(),
+    # Cell-wide guards (the HAProxy template): replays go to the replica that
+    # saw the original; limits per client address across every replica.
+    "haproxy:replay_guard:enabled": Bool(),
+    "haproxy:replay_guard:inspect_delay": DurationUpTo("30s"),
+    "haproxy:replay_guard:size": Int(1000, 10_000_000),
+    "haproxy:replay_guard:expire": Duration(),
+    "haproxy:client_limits:max_connections": Int(0, 1_000_000),
+    "haproxy:client_limits:max_new": Int(0, 1_000_000),
+    "haproxy:client_limits:period": DurationUpTo("10m"),
+    "haproxy:client_limits:bandwidth_in": Int(0, 10**12),
+    "haproxy:client_limits:bandwidth_out": Int(0, 10**12),
+    "haproxy:client_limits:exempt": ListOf(Network(), maximum=256),
+    "haproxy:client_limits:table_size": Int(1000, 10_000_000),
     # Unit files go where systemd looks for the administrator's units.
     "boot:unit_dir": Path(system_ok=frozenset({"/etc/systemd/system", "/run/systemd/system"})),
     "boot:unit_name": Name(suffix=".service"),

@@ -37,3 +37,125 @@ def test_redispatch_off_is_the_original_designs_backend():
     lines = rendered(redispatch=False)
     assert "option redispatch 1" not in lines and "retries 3" not in lines
     assert "option redispatch 1" in rendered()
+
+
+# -- cell-wide guards ---------------------------------------------------------------
+
+
+def guarded(replay_guard: dict | None = None, client_limits: dict | None = None, cell_changes=None, **haproxy) -> str:
+    """The config text with the guards' keys changed (the rest at their defaults)."""
+    defaults = cell()["haproxy"]
+    haproxy["replay_guard"] = {**defaults["replay_guard"], **(replay_guard or {})}
+    haproxy["client_limits"] = {**defaults["client_limits"], **(client_limits or {})}
+    resolved = cell(haproxy=haproxy, **(cell_changes or {}))
+    return TEMPLATES.get_template("haproxy.cfg.jinja").render(mtproxy=resolved)
+
+
+def section(text: str, header: str) -> list[str]:
+    """The stripped, uncommented lines of the section that starts with ``header``."""
+    body = text.split(f"\n{header}\n", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_replay_guard_is_on_by_default_with_a_stick_table_a_local_peer_and_leastconn():
+    text = guarded()
+    backend = section(text, "backend mtproxy_replicas")
+    assert backend[:3] == [
+        "balance leastconn",
+        "stick-table type binary len 64 size 100000 expire 1h peers mtproxy_peers",
+        "stick on req.payload(0,64)",
+    ]
+    # Not the hash balancing that was measured not to pin replays.
+    assert not any(line.strip().startswith("balance hash") for line in text.splitlines())
+    frontend = section(text, "frontend mtproxy")
+    assert frontend[1:3] == ["tcp-request inspect-delay 1s", "tcp-request content accept if { req.len ge 64 }"]
+    assert frontend[-1] == "default_backend mtproxy_replicas"
+    # The table survives a reload: a local peer on a socket in the run folder.
+    assert section(text, "peers mtproxy_peers") == ["peer mtproxy unix@/run/haproxy/peers.sock"]
+    assert "localpeer mtproxy" in section(text, "global")
+    # No client limits by default: no tracking at all.
+    assert "track-sc0" not in text and "mtproxy_clients" not in text
+
+
+def test_replay_guard_off_is_the_plain_balancer():
+    text = guarded({"enabled": False})
+    for absent in ("stick", "peers", "localpeer", "inspect-delay", "req.len"):
+        assert absent not in text
+    assert section(text, "backend mtproxy_replicas")[0] == "balance leastconn"
+
+
+def test_replay_guard_with_the_proxy_protocol_and_roundrobin():
+    text = guarded(
+        {"inspect_delay": "3s", "size": 5000, "expire": "30m"},
+        cell_changes={"client_ip": "proxy_protocol"},
+        balance="roundrobin",
+    )
+    backend = section(text, "backend mtproxy_replicas")
+    assert backend[:3] == [
+        "balance roundrobin",
+        "stick-table type binary len 64 size 5000 expire 30m peers mtproxy_peers",
+        "stick on req.payload(0,64)",
+    ]
+    assert any("send-proxy-v2" in line for line in backend)
+    assert "tcp-request inspect-delay 3s" in section(text, "frontend mtproxy")
+
+
+def test_client_limits_track_every_address_but_the_exempt_and_reject_over_either_limit():
+    text = guarded(
+        {"enabled": False},
+        {"max_connections": 20, "max_new": 30, "period": "1m", "exempt": ["10.1.2.3/8", "2001:db8::1"]},
+    )
+    assert section(text, "frontend mtproxy")[1:] == [
+        "acl exempt src 10.0.0.0/8 2001:db8::1/128",
+        "tcp-request connection track-sc0 src table mtproxy_clients unless exempt",
+        "acl over_limit sc0_conn_cur gt 20",
+        "acl over_limit sc0_conn_rate gt 30",
+        "tcp-request connection sc-inc-gpc0(0) if over_limit",
+        "tcp-request connection reject if over_limit",
+        "default_backend mtproxy_replicas",
+    ]
+    assert section(text, "backend mtproxy_clients") == [
+        "stick-table type ip size 100000 expire 10m store conn_cur,conn_rate(1m),gpc0",
+    ]
+    assert not any(
+        line.startswith(("filter", "tcp-request connection silent-drop")) for line in section(text, "frontend mtproxy")
+    )
+
+
+def test_one_limit_alone_and_no_exempt_list():
+    frontend = section(guarded(client_limits={"max_connections": 5}), "frontend mtproxy")
+    assert "tcp-request connection track-sc0 src table mtproxy_clients" in frontend
+    assert "acl over_limit sc0_conn_cur gt 5" in frontend
+    assert not any("conn_rate" in line or "exempt" in line for line in frontend)
+    # Tracking comes before the replay guard's content rules.
+    assert frontend.index("tcp-request connection reject if over_limit") < frontend.index(
+        "tcp-request inspect-delay 1s"
+    )
+
+
+def test_bandwidth_limits_per_address_in_both_directions_before_the_guard_accepts():
+    text = guarded(client_limits={"bandwidth_in": 125000, "bandwidth_out": 1250000, "exempt": ["192.0.2.0/24"]})
+    frontend = section(text, "frontend mtproxy")
+    assert "filter bwlim-in client_upload limit 125000 key src table mtproxy_clients" in frontend
+    assert "filter bwlim-out client_download limit 1250000 key src table mtproxy_clients" in frontend
+    enable = [
+        "tcp-request content set-bandwidth-limit client_upload unless exempt",
+        "tcp-request content set-bandwidth-limit client_download unless exempt",
+    ]
+    assert all(line in frontend for line in enable)
+    # An `accept` ends the content rules: the limits must be set before it.
+    accept = frontend.index("tcp-request content accept if { req.len ge 64 }")
+    assert all(frontend.index(line) < accept for line in enable)
+    # Bandwidth alone tracks, but refuses nothing.
+    assert "reject" not in text and "over_limit" not in text
+    assert section(text, "backend mtproxy_clients") == [
+        "stick-table type ip size 100000 expire 10m store conn_cur,conn_rate(10s),gpc0,bytes_in_rate(1s),"
+        "bytes_out_rate(1s)"
+    ]
+
+
+def test_an_ipv6_frontend_tracks_ipv6_addresses():
+    text = guarded(
+        client_limits={"max_connections": 5}, cell_changes={"client_ip": "proxy_protocol"}, frontend_bind="::"
+    )
+    assert section(text, "backend mtproxy_clients")[0].startswith("stick-table type ipv6 ")
