@@ -284,6 +284,38 @@ def _server_row(row: dict[str, str]) -> dict[str, Any]:
     }
 
 
+_TABLE_HEADER = re.compile(r"# table: (?P<name>[^,]+), type: (?P<type>[^,]+), size:(?P<size>\d+), used:(?P<used>\d+)")
+
+
+def _parse_table(text: str) -> dict[str, dict[str, Any]]:
+    """Parse ``show table [NAME]``: each table's type, size and used entries,
+    and the entries listed under it (``key`` and the stored data, a rate's
+    period dropped from its name: ``conn_rate(10000)`` -> ``conn_rate``)."""
+    tables: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    for line in text.splitlines():
+        header = _TABLE_HEADER.match(line.strip())
+        if header:
+            current = {
+                "name": header["name"],
+                "type": header["type"],
+                "size": int(header["size"]),
+                "used": int(header["used"]),
+                "entries": [],
+            }
+            tables[current["name"]] = current
+            continue
+        if current is None or ": key=" not in line:
+            continue
+        entry: dict[str, Any] = {}
+        for field in line.split(": ", 1)[1].split():
+            name, _, value = field.partition("=")
+            name = name.split("(", 1)[0]
+            entry[name] = int(value) if value.lstrip("-").isdigit() and name != "key" else value
+        current["entries"].append(entry)
+    return tables
+
+
 def _status_matches(status: str, wanted: str) -> bool:
     # "UP 1/3" (going down) is still UP; "MAINT (via be/srv)" is still MAINT.
     status, wanted = status.strip().upper(), wanted.strip().upper()
@@ -490,6 +522,58 @@ def servers(
             result[key]["scur_by_pid"][worker["pid"]] = count
             result[key]["scur"] += count
     return result
+
+
+def table(
+    name: str,
+    entries: bool = True,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+) -> dict[str, Any]:
+    """
+    A stick table of the current worker: ``type``, ``size``, ``used`` and,
+    with ``entries``, each entry (``key`` and its data, e.g. ``conn_cur``).
+    Without ``entries`` only the header is read (``show table``), so no key
+    leaves HAProxy: use that for tables keyed on what clients send.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.table mtproxy_clients
+        salt '*' haproxy_runtime.table mtproxy_replicas entries=False
+    """
+    command = f"show table {name}" if entries else "show table"
+    found = _parse_table(_worker_cmd(command, admin_socket, master_socket)).get(name)
+    if found is None:
+        raise CommandExecutionError(f"HAProxy has no stick table {name}")
+    if not entries:
+        found.pop("entries")
+    return found
+
+
+def frontend(name: str, admin_socket: str | None = None, master_socket: str | None = None) -> dict[str, Any]:
+    """
+    A frontend's counters in the current worker: current and total sessions,
+    connections denied by ``tcp-request connection`` rules (``denied_connections``)
+    and sessions denied later (``denied_sessions``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.frontend mtproxy
+    """
+    text = _worker_cmd("show stat", admin_socket, master_socket, expect="# pxname")
+    for row in _parse_stat(text):
+        if row.get("pxname") == name and row.get("svname") == "FRONTEND":
+            return {
+                "scur": _number(row, "scur") or 0,
+                "stot": _number(row, "stot") or 0,
+                "denied_connections": _number(row, "dcon") or 0,
+                "denied_sessions": _number(row, "dses") or 0,
+            }
+    raise CommandExecutionError(f"HAProxy has no frontend {name}")
 
 
 def _one(

@@ -51,6 +51,9 @@ PLACEHOLDER_SECRETS = {
     "b3b34e89c9471207ad107a03b565e9a3",  # the original design's demo secret
 }
 BACKEND = "mtproxy_replicas"
+# The HAProxy config's frontend and its per-client-address table (templates/haproxy.cfg.jinja).
+FRONTEND = "mtproxy"
+CLIENTS_TABLE = "mtproxy_clients"
 REPLICA_PREFIX = "mtproxy_"
 # Container labels: what a container is to the formula, and where a replica listens.
 ROLE_LABEL = "mtproxy-formula.role"
@@ -776,7 +779,9 @@ def status() -> dict:
     the HAProxy container's state and the stats URL; plus the return path:
     ``ok`` and ``missing``/``stale`` rules (``tproxy.check`` with the cell's
     settings) and, when the watchdog runs, its last check, last repair and
-    what it repaired.
+    what it repaired; plus the guards: entries in the replay table and, with
+    client limits, connections refused and the addresses with the most
+    connections (counts only, never a key of the replay table).
 
     CLI Example:
 
@@ -830,9 +835,56 @@ def status() -> dict:
         },
         "replicas": replicas,
         "return_path": _return_path(cell),
+        "guards": _guards(cell),
         # Per secret (by index): sessions now, sessions and bytes since each replica started.
         "secrets": __salt__["mtproxy_exporter.secrets"](cell),
     }
+
+
+TOP_ADDRESSES = 10
+
+
+def _guards(cell: dict) -> dict:
+    """What the cell-wide guards do (counts only): the replay table's fill, and per-address
+    limits' refusals with the addresses holding the most connections."""
+    haproxy = cell["haproxy"]
+    sockets = {"admin_socket": haproxy["admin_socket"], "master_socket": haproxy["master_socket"]}
+    limits = haproxy["client_limits"]
+    report: dict[str, Any] = {
+        "replay_guard": {"enabled": haproxy["replay_guard"]["enabled"]},
+        "client_limits": {
+            "enabled": bool(
+                limits["max_connections"] or limits["max_new"] or limits["bandwidth_in"] or limits["bandwidth_out"]
+            )
+        },
+    }
+    try:
+        if report["replay_guard"]["enabled"]:
+            # Header only: the keys are clients' handshakes.
+            replays = __salt__["haproxy_runtime.table"](BACKEND, entries=False, **sockets)
+            report["replay_guard"].update(entries=replays["used"], size=replays["size"])
+        if report["client_limits"]["enabled"]:
+            clients = __salt__["haproxy_runtime.table"](CLIENTS_TABLE, **sockets)
+            front = __salt__["haproxy_runtime.frontend"](FRONTEND, **sockets)
+            top = sorted(clients["entries"], key=lambda e: (-e.get("conn_cur", 0), -e.get("gpc0", 0), e["key"]))
+            report["client_limits"].update(
+                # Since the current HAProxy worker started (a reload starts it again).
+                rejected=front["denied_connections"],
+                addresses=clients["used"],
+                size=clients["size"],
+                top=[
+                    {
+                        "address": entry["key"],
+                        "connections": entry.get("conn_cur", 0),
+                        "new_per_period": entry.get("conn_rate", 0),
+                        "rejected": entry.get("gpc0", 0),
+                    }
+                    for entry in top[:TOP_ADDRESSES]
+                ],
+            )
+    except CommandExecutionError as exc:
+        report["error"] = str(exc)
+    return report
 
 
 def _return_path(cell: dict) -> dict:

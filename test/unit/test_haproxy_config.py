@@ -1,11 +1,18 @@
 """The HAProxy config template's switches, rendered from resolved settings:
-splice (with a pipe budget that fits the open-files limit) and redispatch.
-The integration tests run the default config in a real HAProxy."""
+splice (with a pipe budget that fits the open-files limit), redispatch, and
+the cell-wide guards (replay guard, per-address limits), plus the parser of
+their stick tables. The integration tests run these configs in a real HAProxy
+(test_guards.py for the guards)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from test_flavors import TEMPLATES, cell
-from test_settings import loader_stubs  # noqa: F401 (autouse fixture)
+from test_settings import (
+    REPO,
+    loader_stubs,  # noqa: F401 (autouse fixture)
+)
 
 
 def rendered(**haproxy) -> list[str]:
@@ -159,3 +166,25 @@ def test_an_ipv6_frontend_tracks_ipv6_addresses():
         client_limits={"max_connections": 5}, cell_changes={"client_ip": "proxy_protocol"}, frontend_bind="::"
     )
     assert section(text, "backend mtproxy_clients")[0].startswith("stick-table type ipv6 ")
+
+
+def test_show_table_as_haproxy_30_prints_it_for_the_guards_tables():
+    """Output of HAProxy 3.0 with max_connections 2 after 4 connections from one address."""
+    spec = importlib.util.spec_from_file_location("hr_guards", REPO / "_modules" / "haproxy_runtime.py")
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    listing = (
+        "# table: mtproxy_clients, type: ip, size:100000, used:1\n"
+        "# table: mtproxy_replicas, type: binary, size:100000, used:2\n\n"
+    )
+    assert runtime._parse_table(listing) == {
+        "mtproxy_clients": {"name": "mtproxy_clients", "type": "ip", "size": 100000, "used": 1, "entries": []},
+        "mtproxy_replicas": {"name": "mtproxy_replicas", "type": "binary", "size": 100000, "used": 2, "entries": []},
+    }
+    dump = (
+        "# table: mtproxy_clients, type: ip, size:100000, used:1\n"
+        "0x7f7686a32a18: key=127.0.0.1 use=2 exp=597927 shard=0 gpc0=2 conn_rate(10000)=4 conn_cur=2\n\n"
+    )
+    assert runtime._parse_table(dump)["mtproxy_clients"]["entries"] == [
+        {"key": "127.0.0.1", "use": 2, "exp": 597927, "shard": 0, "gpc0": 2, "conn_rate": 4, "conn_cur": 2}
+    ]
