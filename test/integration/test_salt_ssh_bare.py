@@ -1,0 +1,163 @@
+"""salt-ssh against a bare host: the formula bootstraps what its modules need.
+
+The target is a test host with a real sshd; Salt runs there with the
+machine's /usr/bin/python3, which has none of the Docker SDK, pyroute2 or
+saltext-dockermod (checked first), so nothing of the project's own Python is
+used on the target. The commands are the README's for a fresh VPS, with the
+sample roster and master config (examples/); only paths are test paths:
+
+    salt-ssh HOST state.apply mtproxy            # before the bootstrap: refused, nothing changed
+    salt-ssh HOST state.apply mtproxy.bootstrap  # the venv with the modules
+    salt-ssh HOST state.apply mtproxy            # the cell
+    salt-ssh HOST state.apply mtproxy            # no changes
+    salt-ssh HOST mtproxy.links
+
+The bootstrap's venv lives in the test host's workdir (pillar
+``mtproxy:python_packages:venv``, and the roster's ``set_path``), and pip
+installs from a folder of wheels repacked from the project venv
+(``python_packages:find_links``): the test host has no route to PyPI, and the
+machine's own Python is never changed. The test host runs its own dockerd
+(``docker:install: false``), and ``python_packages:venv_packages`` is empty
+here: python3-venv is already on the machine, and a test must not run apt.
+Wall times are printed (``-s``), never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from cell import assert_cell_serves, cell_pillar, changed, containers, failed, host_snapshot
+from saltdaemons import EXAMPLES, SaltMaster, Sshd, salt_ssh
+from wheelhouse import build as build_wheelhouse
+
+pytestmark = pytest.mark.integration
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+EXAMPLE_VENV = "/opt/mtproxy/venv"
+
+
+def timed(label: str, func, *args, **kwargs):
+    start = time.monotonic()
+    out = func(*args, **kwargs)
+    print(f"\n[wall time] {label}: {time.monotonic() - start:.1f} s")
+    return out
+
+
+def system_python_lacks_our_modules() -> None:
+    for module in ("docker", "pyroute2", "saltext.dockermod"):
+        probe = subprocess.run([SYSTEM_PYTHON, "-c", f"import {module}"], capture_output=True, check=False)
+        assert probe.returncode != 0, f"{SYSTEM_PYTHON} can import {module}: the target would not be bare"
+
+
+def state_results(returns: dict, name: str) -> dict:
+    result = returns.get(name)
+    assert isinstance(result, dict), f"{name} returned no state results: {json.dumps(returns)[:5000]}"
+    bad = failed(result)
+    assert not bad, f"states failed on {name}:\n" + json.dumps(bad, indent=1)[:20000]
+    return result
+
+
+@pytest.fixture(scope="module")
+def bare(make_testhost, tmp_path_factory):
+    """A test host with sshd, a salt-ssh config (examples/master.conf), the sample roster and a pillar."""
+    system_python_lacks_our_modules()
+    host = make_testhost()
+    sshd = None
+    try:
+        sshd = Sshd(host).start()
+        # salt-ssh's config dir and pillar: no master daemon is started.
+        master = SaltMaster(host)
+        venv = host.workdir / "mtproxy-venv"
+        sample = yaml.safe_load((EXAMPLES / "roster").read_text())
+        entry = next(iter(sample.values()))
+        assert entry["set_path"].startswith(EXAMPLE_VENV + "/bin:"), entry
+        entry.update(
+            {
+                "host": host.address,
+                "port": sshd.port,
+                "priv": str(sshd.client_key),
+                "thin_dir": str(host.workdir / "salt-thin"),
+                # Host keys go to the test host's own known_hosts, never root's.
+                "ssh_options": [f"UserKnownHostsFile={host.workdir / 'known_hosts'}"],
+                # The sample's set_path with the test's venv: the system python3 until it exists.
+                "set_path": entry["set_path"].replace(EXAMPLE_VENV, str(venv)),
+            }
+        )
+        roster = host.workdir / "roster"
+        roster.write_text(yaml.safe_dump({host.name: entry}))
+        wheels = tmp_path_factory.mktemp("wheelhouse")
+        build_wheelhouse(wheels, ["docker", "pyroute2", "saltext.dockermod"])
+        pillar = cell_pillar(
+            host,
+            docker_host=host.docker_host,
+            python_packages={"venv": str(venv), "venv_packages": [], "find_links": str(wheels)},
+        )
+        # No minion config on the target: the Docker states' endpoint comes from pillar.
+        pillar["docker.url"] = host.docker_host
+        master.set_pillar({host.name: pillar})
+
+        def run(*args: str) -> dict:
+            return salt_ssh(master, host, roster, sshd.client_key, host.name, *args, timeout=400)
+
+        yield host, run, pillar, venv
+    finally:
+        if sshd:
+            sshd.stop()
+        host.stop()
+
+
+def test_apply_before_bootstrap_is_refused_in_one_line_and_changes_nothing(bare):
+    host, run, pillar, venv = bare
+    settings = pillar["mtproxy"]
+    before = host_snapshot(host, pillar)
+    returns = timed("salt-ssh apply before bootstrap", run, "state.apply", "mtproxy")
+    errors = returns.get(host.name)
+    # A render error: a list of messages, no state ran.
+    assert isinstance(errors, list) and errors, json.dumps(returns)[:5000]
+    for error in errors:
+        assert "mtproxy is not bootstrapped on this host" in error, error
+        assert "run `state.apply mtproxy.bootstrap` first" in error, error
+        assert "Traceback" not in error, error
+    assert not venv.exists()
+    assert not Path(settings["secret_file"]).exists()
+    assert not Path(settings["config_dir"]).exists()
+    assert containers(host) == {}
+    assert host_snapshot(host, pillar) == before
+
+
+def test_bootstrap_then_apply_serves_and_a_rerun_changes_nothing(bare):
+    host, run, pillar, venv = bare
+    returns = timed("salt-ssh bootstrap (bare host)", run, "state.apply", "mtproxy.bootstrap")
+    done = changed(state_results(returns, host.name))
+    assert set(done) == {"The formula's Python modules are in their venv"}, done
+    probe = subprocess.run(
+        [str(venv / "bin" / "python3"), "-c", "import docker, pyroute2, saltext.dockermod"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr
+    system_python_lacks_our_modules()
+    # The bootstrap made no secret and deployed nothing.
+    assert not Path(pillar["mtproxy"]["secret_file"]).exists()
+    assert containers(host) == {}
+
+    returns = timed("salt-ssh first apply (after bootstrap)", run, "state.apply", "mtproxy")
+    state_results(returns, host.name)
+    assert_cell_serves(host, pillar, 2, connections=12)
+    # The boot units run the venv's Python (it has pyroute2), never the bare system one.
+    unit = (host.workdir / "systemd" / "mtproxy-return-path.service").read_text()
+    assert f"ExecStart={venv}/bin/python3 " in unit, unit
+
+    again = timed("salt-ssh no-change apply", run, "state.apply", "mtproxy")
+    assert changed(state_results(again, host.name)) == {}
+
+    links = run("mtproxy.links")[host.name]
+    secret = Path(pillar["mtproxy"]["secret_file"]).read_text().strip()
+    assert links and all(link["tg"].startswith(f"tg://proxy?server={host.address}&port=8443&") for link in links)
+    assert all(secret in link["tg"] for link in links), links
