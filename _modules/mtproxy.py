@@ -583,7 +583,7 @@ def refuse_live_restart(cell: dict) -> None:
     - ``client_ip``: HAProxy sends PROXY headers to every server or to none,
       and a transparent connection cannot reach a loopback replica: halfway
       through a rollout every client of the switched replicas would fail.
-      Refused on a live cell.
+      Refused unless ``haproxy:allow_restart`` is true for that apply.
     - Whatever recreates the HAProxy container (``haproxy:image``, also a
       rebuilt image under the same name, ``config_dir``, ``run_dir``): it cuts
       every connection HAProxy holds. Refused unless
@@ -612,6 +612,8 @@ def refuse_live_restart(cell: dict) -> None:
         loaded = pathlib.Path(config_folder or "/nonexistent", "haproxy.cfg").read_text(encoding="utf-8")
     except OSError:
         loaded = ""
+    if haproxy.get("allow_restart"):
+        return
     if loaded:
         live_mode = "proxy_protocol" if "send-proxy-v2" in loaded else "tproxy"
         if live_mode != cell["client_ip"]:
@@ -619,11 +621,9 @@ def refuse_live_restart(cell: dict) -> None:
                 "client_ip",
                 cell["client_ip"],
                 f"the live cell runs {live_mode}, and a switch cannot roll one replica at a time (HAProxy sends "
-                "PROXY headers to every replica or to none): keep it, or switch in a maintenance window "
-                "(mtproxy.clean, then apply)",
+                "PROXY headers to every replica or to none): new connections fail until the last replica and "
+                "HAProxy are switched. Set mtproxy:haproxy:allow_restart: true for this apply to accept that",
             )
-    if haproxy.get("allow_restart"):
-        return
     for key, folder in (("config_dir", haproxy["config_dir"]), ("run_dir", haproxy["run_dir"])):
         if binds and folder not in binds:
             _fail(

@@ -137,8 +137,10 @@ def test_no_live_haproxy_means_nothing_to_refuse(monkeypatch):
 
 def test_a_client_ip_switch_is_refused_on_a_live_cell(live_haproxy):
     resolved, _ = live_haproxy
+    switched = changed_cell(resolved, client_ip="proxy_protocol")
     with pytest.raises(mtproxy.CommandExecutionError, match=r"mtproxy:client_ip is 'proxy_protocol'.*runs tproxy"):
-        mtproxy.refuse_live_restart(changed_cell(resolved, client_ip="proxy_protocol", haproxy__allow_restart=True))
+        mtproxy.refuse_live_restart(switched)
+    mtproxy.refuse_live_restart(changed_cell(switched, haproxy__allow_restart=True))
 
 
 def test_a_new_haproxy_image_needs_allow_restart(live_haproxy):
