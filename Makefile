@@ -7,6 +7,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 IMAGES := haproxy mtprotoproxy
 PYTEST_ARGS ?=
+# Test modules run two at a time, each in test hosts of its own.
+PYTEST_WORKERS ?= 2
 BENCH_ARGS ?=
 
 .PHONY: help host-setup venv images setup lint test demo demo-down bench clean
@@ -43,7 +45,7 @@ lint: venv
 	$(VENV)/bin/salt-lint $$(find mtproxy -name "*.sls")
 
 test: setup lint
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	$(PYTHON) test/testhost.py check-clean
 
 demo: setup
