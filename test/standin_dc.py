@@ -137,8 +137,12 @@ class StandIn:
         self.status_path.unlink(missing_ok=True)
         self.log = open(host.workdir / "standin-dc.log", "ab")  # noqa: SIM115 (the process keeps it)
         cmd = [sys.executable, __file__, "--listen", f"{host.address}:{DC_PORT}", "--status", str(self.status_path)]
-        # nsenter execs the interpreter: the PID is the stand-in's own.
-        self.proc = subprocess.Popen(host.nsenter() + cmd, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        # nsenter execs the interpreter: the PID is the stand-in's own. Its own
+        # session: a terminal's Ctrl-C or hangup does not end it (the demo's outlives
+        # `make demo`); it is stopped by PID.
+        self.proc = subprocess.Popen(
+            host.nsenter() + cmd, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + 15
         while not self.status_path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
