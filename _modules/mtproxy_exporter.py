@@ -77,9 +77,14 @@ METRICS = {
         "counter",
         "Client connections HAProxy's frontend refused, by the rule stage that refused them.",
     ),
+    "mtproxy_guard_table_entries": (
+        "gauge",
+        "Entries in HAProxy's stick tables (the replay guard's first-packet table, the per-address table).",
+    ),
+    "mtproxy_guard_table_size": ("gauge", "Capacity of HAProxy's stick tables."),
     "mtproxy_return_path_ok": ("gauge", "1 when every return-path rule and route is in place (transparent mode)."),
     "mtproxy_return_path_missing": ("gauge", "Return-path rules and routes missing now."),
-    "mtproxy_exporter_last_poll_timestamp_seconds": ("gauge", "When the exporter last read its sources."),
+    "mtproxy_exporter_last_poll_timestamp_seconds": ("gauge", "When the exporter's last poll of its sources started."),
 }
 GUARD_STAGES = {"dcon": "connection", "dses": "session", "dreq": "content"}
 
@@ -196,9 +201,16 @@ def secrets(cell: dict) -> list[dict[str, Any]]:
     """
     Per secret (by index): the sessions open now and, since each replica's
     process started, the sessions and bytes, summed over the replicas that
-    answered (``replicas``: what each counted; ``unreachable``: the replicas
-    whose stats did not answer). Read from the replicas now, not from the
-    exporter: counts restart with a replica (the exporter's do not).
+    answered (``replicas``: what each counted; ``unreachable``: the names of
+    the replicas whose stats did not answer). Read from the replicas now, not
+    from the exporter: these counts restart with a replica (the exporter's
+    do not).
+
+    CLI Example (``mtproxy.status`` shows them):
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.status
     """
     settings = config(cell)
     totals = [{"secret": index, **_empty(), "replicas": {}} for index in range(settings["secrets"])]
@@ -206,8 +218,8 @@ def secrets(cell: dict) -> list[dict[str, Any]]:
     for replica in settings["replicas"]:
         try:
             found = read_replica(settings, replica)
-        except (OSError, ValueError) as exc:
-            unreachable.append(f"{replica['name']}: {exc}")
+        except (OSError, ValueError):
+            unreachable.append(replica["name"])
             continue
         for index, counts in found["secrets"].items():
             for key, value in counts.items():
@@ -276,6 +288,11 @@ def _labels(labels: dict[str, Any]) -> str:
     return "{" + ",".join(escaped) + "}"
 
 
+def _number(value: float) -> str:
+    """Every digit of a counter (``%g`` would round a byte count to 6 digits)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def render(samples: list[tuple[str, dict, float]]) -> str:
     """Prometheus text format: each metric's HELP and TYPE once, then its samples."""
     by_name: dict[str, list[tuple[dict, float]]] = {}
@@ -286,7 +303,7 @@ def render(samples: list[tuple[str, dict, float]]) -> str:
         if name not in by_name:
             continue
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-        lines += [f"{name}{_labels(labels)} {value:g}" for labels, value in by_name[name]]
+        lines += [f"{name}{_labels(labels)} {_number(value)}" for labels, value in by_name[name]]
     return "\n".join(lines) + "\n"
 
 
@@ -394,6 +411,14 @@ class Exporter:
                 total = self.counters.last(key) or 0
             samples.append(("mtproxy_guard_denied_total", {"stage": stage}, total))
         try:
+            # The headers only: no key (a client's first bytes, its address) is read.
+            tables = self.haproxy._parse_table(self.haproxy._send(settings["admin_socket"], "show table"))
+        except (OSError, ValueError):
+            tables = {}
+        for name, table in sorted(tables.items()):
+            samples.append(("mtproxy_guard_table_entries", {"table": name}, table["used"]))
+            samples.append(("mtproxy_guard_table_size", {"table": name}, table["size"]))
+        try:
             master = self.haproxy.show_proc(settings["master_socket"])["master"]
             total, _ = self.counters.update(("haproxy", "master", "reloads"), master["pid"], master["reloads"] or 0)
         except (OSError, ValueError, KeyError, self.haproxy.CommandExecutionError):
@@ -424,6 +449,7 @@ class Exporter:
 
     def poll(self) -> str:
         self.seen = set()
+        started = time.time()
         settings = self.load()
         samples: list[tuple[str, dict, float]] = []
         cell = self._replicas(settings, samples)
@@ -435,7 +461,7 @@ class Exporter:
             ("mtproxy_cell_connections", {}, cell["connections"]),
             ("mtproxy_cell_connections_total", {}, cell["connections_total"] + self.retired["connections_total"]),
             ("mtproxy_cell_bytes_total", {}, cell["bytes_total"] + self.retired["bytes_total"]),
-            ("mtproxy_exporter_last_poll_timestamp_seconds", {}, round(time.time(), 3)),
+            ("mtproxy_exporter_last_poll_timestamp_seconds", {}, round(started, 3)),
         ]
         self.notes = self.seen
         self.text = render(samples)

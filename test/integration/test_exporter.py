@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cell import FRONTEND_PORT, apply, cell_pillar, replica_names, unit_command, wait_servers_up
+from cell import FRONTEND_PORT, apply, cell_pillar, changed, containers, replica_names, unit_command, wait_servers_up
 from standin_dc import StandIn, derive_image
 
 pytestmark = pytest.mark.integration
@@ -97,6 +97,7 @@ class Exporter:
     def scrape(self) -> dict[tuple, float]:
         text = self.host.run([sys.executable, "-c", FETCH, f"http://127.0.0.1:{PORT}/metrics"], timeout=20).stdout
         assert_no_secret(text, "the scrape")
+        self.text = text
         samples = parse(text)
         self.scrapes.append(samples)
         return samples
@@ -109,6 +110,11 @@ class Exporter:
             if done(samples) or time.monotonic() > deadline:
                 return samples
             time.sleep(0.5)
+
+    def fresh(self) -> dict:
+        """A scrape of a poll that started after this call (the one served may be up to an interval old)."""
+        since = time.time()
+        return self.wait(lambda s: s.get(("mtproxy_exporter_last_poll_timestamp_seconds",), 0) > since)
 
     def assert_monotonic(self) -> None:
         """No counter of any replica's series ever went backwards, over every scrape so far."""
@@ -186,7 +192,8 @@ def test_known_sessions_and_bytes_are_counted_per_secret_summed_over_replicas(ce
     relayed, within one stats period of the sessions' end. Both replicas
     served some; the cell totals are the sums."""
     host, _, dc, exporter = cell
-    before = exporter.wait(stats_up)
+    exporter.wait(stats_up)
+    before = exporter.fresh()
     assert stats_up(before), before
     plan = {0: (12, 30), 1: (6, 20)}  # secret -> sessions, packets each
     relayed, held = {}, {}
@@ -259,6 +266,7 @@ def test_every_metric_of_the_dashboard_is_in_a_live_scrape(cell):
         bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\b(by|without)\s*\([^)]*\)", " ", expr)
         names |= {m for m in re.findall(r"\b([a-z_][a-z0-9_]*)\b(?!\s*\()", bare)} - {"by", "without", "and", "or"}
     scraped = {key[0] for key in exporter.scrape()}
+    print("\nsample scrape:\n" + exporter.text)
     assert names and exprs
     assert sorted(names - scraped) == [], f"the dashboard queries metrics the scrape lacks: {sorted(names - scraped)}"
 
@@ -267,7 +275,8 @@ def test_a_replica_restart_never_moves_a_counter_backwards(cell):
     """A restarted replica starts counting from 0; its series carries on from
     where it was, and the new process's sessions add to it."""
     host, _, _, exporter = cell
-    before = exporter.wait(stats_up)
+    exporter.wait(stats_up)
+    before = exporter.fresh()
     restarts = value(before, "mtproxy_replica_restarts_total", replica="mtproxy_1")
     host.docker("restart", "-t", "2", "mtproxy_1")
     after = exporter.wait(
@@ -294,7 +303,8 @@ def test_a_replica_restart_never_moves_a_counter_backwards(cell):
 
 def test_the_exporter_serves_while_a_replica_is_down_and_through_a_dockerd_restart(cell):
     host, pillar, _, exporter = cell
-    before = exporter.wait(stats_up)
+    exporter.wait(stats_up)
+    before = exporter.fresh()
     host.docker("stop", "-t", "2", "mtproxy_2")
     try:
         down = exporter.wait(
@@ -352,3 +362,17 @@ def test_no_secret_in_the_exporter_files_or_its_log(cell):
     answer = host.run([sys.executable, "-c", FETCH, "http://127.0.0.1:14431/stats"]).stdout
     assert_no_secret(answer, "a replica's stats")
     assert set(json.loads(answer)["users"]) == {"tg", "tg2"}
+
+
+def test_a_second_apply_changes_nothing_and_clean_removes_the_exporter(cell):
+    host, pillar, _, exporter = cell
+    # (HAProxy restarted with dockerd: the first apply reloads it once.)
+    apply(host, pillar)
+    assert changed(apply(host, pillar)) == {}
+    unit = host.workdir / "systemd" / UNIT
+    config = Path(pillar["mtproxy"]["config_dir"])
+    assert unit.exists() and (config / "exporter.json").exists() and (config / "bin" / "mtproxy_exporter.py").exists()
+    exporter.stop()
+    apply(host, pillar, sls="mtproxy.clean")
+    assert not unit.exists() and not config.exists()
+    assert containers(host) == {}

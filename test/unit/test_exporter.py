@@ -104,12 +104,17 @@ def test_the_text_format_has_help_and_type_once_and_escapes_labels():
             ("mtproxy_secret_bytes_total", {"secret": "0", "replica": "mtproxy_1"}, 10),
             ("mtproxy_secret_bytes_total", {"secret": "0", "replica": "mtproxy_2"}, 2.5),
             ("mtproxy_guard_denied_total", {"stage": 'a"b\\c'}, 0),
+            ("mtproxy_cell_bytes_total", {}, 123456789012.0),
+            ("mtproxy_exporter_last_poll_timestamp_seconds", {}, 1796140123.456),
         ]
     )
     lines = text.splitlines()
     assert lines.count("# TYPE mtproxy_secret_bytes_total counter") == 1
     assert 'mtproxy_secret_bytes_total{secret="0",replica="mtproxy_2"} 2.5' in lines
     assert 'mtproxy_guard_denied_total{stage="a\\"b\\\\c"} 0' in lines
+    # Every digit: no rounding of large counters or timestamps.
+    assert "mtproxy_cell_bytes_total 123456789012" in lines
+    assert "mtproxy_exporter_last_poll_timestamp_seconds 1796140123.456" in lines
 
 
 def test_credentials_are_checked_against_their_digest():
