@@ -135,3 +135,29 @@ def check(
         f"mtproxy is not bootstrapped on this host (Salt runs with {found['python']}, which pip must not"
         f" change): run `{command}` first, with {venv}/bin first on the roster's set_path; nothing was changed"
     )
+
+
+def resolve(settings: dict[str, Any], bootstrapping: bool = False) -> dict[str, Any]:
+    """
+    ``mtproxy.resolve`` behind :func:`check`, in one call (map.jinja's).
+
+    The check comes first, so an apply refused there has not generated the
+    secret; the bootstrap generates none. ``boot:python``, when empty, becomes
+    the Python that runs Salt now: salt-ssh caches grains for an hour, so
+    ``pythonexecutable`` can still name the system python3 after the
+    bootstrap moved Salt into the venv. One call, not two: under salt-ssh each
+    call from a template is a round trip over ssh.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call mtproxy_bootstrap.resolve '{"replicas": 2, ...}'
+    """
+    # A bad pillar is refused naming its key before the check reads it.
+    valid = __salt__["mtproxy_schema.validate"](settings)
+    found = check(valid["python_packages"], bootstrapping=bootstrapping)
+    resolved = __salt__["mtproxy.resolve"](settings, generate_secret=not bootstrapping)
+    if not resolved["boot"]["python"]:
+        resolved["boot"]["python"] = found["python"]
+    return resolved

@@ -8,7 +8,7 @@
 #   salt-ssh HOST state.apply mtproxy.bootstrap
 # (map.jinja generates no secret while this renders.)
 {%- set tplroot = tpldir.split('/')[0] %}
-{%- from tplroot ~ "/map.jinja" import mtproxy, python_plan with context %}
+{%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 {%- set packages = mtproxy.python_packages %}
 
 {%- if mtproxy.docker.install %}
@@ -26,7 +26,7 @@ Docker engine is running and enabled at boot:
 {%- endif %}
 
 {%- if packages.install %}
-{%-   set plan = python_plan %}
+{%-   set plan = salt['mtproxy_bootstrap.plan'](packages) %}
 {%-   if plan.target == 'venv' %}
 {%-     if packages.venv_packages %}
 

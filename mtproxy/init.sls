@@ -1,6 +1,9 @@
 # -*- coding: utf-8 -*-
 # vim: ft=sls
 # An active-active MTProxy cell: replicas behind HAProxy in transparent mode.
+# map.jinja first: a refused apply (bad pillar, salt-ssh before
+# mtproxy.bootstrap) ends here in one error, before any include renders.
+{%- from tpldir ~ "/map.jinja" import mtproxy with context %}
 include:
   - .engine
   - .host

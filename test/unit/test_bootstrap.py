@@ -111,3 +111,21 @@ def test_missing_requirements_by_name_and_version():
         "pyroute2>=0.9",
         "requests",
     ]
+
+
+def test_resolve_refuses_before_resolving_and_fills_the_boot_python(python, monkeypatch):
+    venv = python("system")
+    calls = []
+    salt = {
+        "mtproxy_schema.validate": lambda s: calls.append("validate") or s,
+        "mtproxy.resolve": lambda s, generate_secret: calls.append(("resolve", generate_secret))
+        or {"boot": {"python": ""}},
+    }
+    monkeypatch.setattr(bootstrap, "__salt__", salt, raising=False)
+    settings = {"python_packages": {**bootstrap.DEFAULTS, "venv": str(venv)}}
+    with pytest.raises(bootstrap.NotBootstrapped):
+        bootstrap.resolve(settings)
+    assert calls == ["validate"]  # no secret generated
+    resolved = bootstrap.resolve(settings, bootstrapping=True)
+    assert calls[-1] == ("resolve", False)
+    assert resolved["boot"]["python"] == sys.executable
