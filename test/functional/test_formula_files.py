@@ -3,6 +3,7 @@ every default, and kitchen.yml names only files that exist."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,12 +55,16 @@ def state_args(rendered: dict, state_id: str) -> dict:
     raise AssertionError(f"{state_id} has no state function")
 
 
+# Our entry point: mtprotoproxy, and its counters on port+10000 for the cell exporter.
+MTPROTOPROXY_COMMAND = "/etc/mtprotoproxy/stats.py 14431 /usr/local/bin/mtprotoproxy /etc/mtprotoproxy/config.py"
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("flavor", "client_ip", "image", "entrypoint", "command"),
     [
-        ("mtprotoproxy", "tproxy", "mtproxy-formula/mtprotoproxy:local", None, "/etc/mtprotoproxy/config.py"),
-        ("mtprotoproxy", "proxy_protocol", "mtproxy-formula/mtprotoproxy:local", None, "/etc/mtprotoproxy/config.py"),
+        ("mtprotoproxy", "tproxy", "mtproxy-formula/mtprotoproxy:local", "python3", MTPROTOPROXY_COMMAND),
+        ("mtprotoproxy", "proxy_protocol", "mtproxy-formula/mtprotoproxy:local", "python3", MTPROTOPROXY_COMMAND),
         ("official", "tproxy", "telegrammessenger/proxy:latest", "/bin/sh", "/etc/mtproxy-formula/run.sh"),
         ("mtg", "tproxy", "nineseconds/mtg:2", "/mtg", "run /etc/mtg/mtg.toml"),
         ("mtg", "proxy_protocol", "nineseconds/mtg:2", "/mtg", "run /etc/mtg/mtg.toml"),
@@ -87,6 +92,11 @@ def test_every_flavor_and_client_ip_mode_renders(netns_host, flavor, client_ip, 
     assert ("Return path covers exactly the replica ports" in rendered) == transparent
     assert ("Return-path boot unit is in place" in rendered) == transparent
     assert ("Return-path rules and routes are removed" in rendered) == (not transparent)
+    # The cell exporter in every mode; the return path it checks only in transparent mode.
+    exporter = json.loads(state_args(rendered, "Cell exporter settings are in place")["contents"])
+    assert exporter["replicas"][0]["stats_url"].startswith("http://127.0.0.1:14431/")
+    assert (exporter["return_path"] is not None) == transparent
+    assert "Cell exporter unit is in place" in rendered
 
 
 def test_kitchen_yml_names_only_files_that_exist():
