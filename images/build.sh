@@ -31,11 +31,15 @@ fi
 source "$recipe_dir/recipe.sh"
 
 work=$(mktemp -d "$out_dir/.build-$name.XXXXXX")
-cleanup() {
-    # debootstrap may leave proc/sys mounted inside the root on failure.
+# debootstrap may leave proc/sys mounted inside the root, on failure and (seen
+# on a loaded machine) after a successful run too.
+unmount_root() {
     for m in proc sys dev/pts dev; do
         mountpoint -q "$work/root/$m" 2>/dev/null && umount -l "$work/root/$m" || true
     done
+}
+cleanup() {
+    unmount_root
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -52,6 +56,7 @@ customize "$work/root" "$work"
 rm -rf "$work/root"/var/lib/apt/lists/* "$work/root"/var/cache/apt/* \
        "$work/root"/usr/share/doc/* "$work/root"/usr/share/man/* \
        "$work/root"/usr/share/locale/* "$work/root"/var/log/*.log
+unmount_root
 tar -C "$work/root" --numeric-owner -cf "$work/rootfs.tar" .
 mv "$work/rootfs.tar" "$tarball"
 
