@@ -203,6 +203,12 @@ def sessions(host: TestHost | None = None, links: list[dict] | None = None) -> i
         f"{(after['bytes_in'] - before['bytes_in']) / 1024:.0f} KiB echoed"
     )
     print("  every packet came back byte-identical" if ok else "  SOME PACKETS DID NOT COME BACK INTACT")
+    # Per secret, summed over the replicas (the cell exporter serves them per replica on :9848).
+    for entry in host.salt_call("mtproxy.status")["secrets"]:
+        print(
+            f"  secret {entry['secret']}: {entry['connections_total']} sessions, "
+            f"{entry['bytes_total'] / 1024:.0f} KiB relayed since the replicas started, {entry['connections']} open"
+        )
     return 0 if ok else 1
 
 
