@@ -54,6 +54,9 @@ SESSION = re.compile(r" src=[\d.]+:(\d+) .*?\bsrv=(\S+)")
 
 
 def traffic_pillar(host, image: str, client_ip: str = "tproxy", **overrides) -> dict:
+    # The tests switch client_ip between them on one cell: a live switch needs
+    # haproxy:allow_restart (it interrupts new connections until complete).
+    haproxy = {"allow_restart": True, **overrides.pop("haproxy", {})}
     return cell_pillar(
         host,
         image=image,
@@ -61,6 +64,7 @@ def traffic_pillar(host, image: str, client_ip: str = "tproxy", **overrides) -> 
         modes=["classic", "secure", "tls"],
         tls_domain=TLS_DOMAIN,
         client_ip=client_ip,
+        haproxy=haproxy,
         **overrides,
     )
 
