@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
 from test_flavors import TEMPLATES, cell
 from test_settings import (
     REPO,
     loader_stubs,  # noqa: F401 (autouse fixture)
+    mtproxy,
 )
 
 
@@ -188,3 +190,22 @@ def test_show_table_as_haproxy_30_prints_it_for_the_guards_tables():
     assert runtime._parse_table(dump)["mtproxy_clients"]["entries"] == [
         {"key": "127.0.0.1", "use": 2, "exp": 597927, "shard": 0, "gpc0": 2, "conn_rate": 4, "conn_cur": 2}
     ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("exempt", ["10.0.0.0/33"], r"client_limits:exempt:0 is '10\.0\.0\.0/33': use an IP network"),
+        ("period", "1h", r"client_limits:period is '1h': use an HAProxy duration such as 10s or 1m, up to 10m"),
+        ("max_connections", -1, r"client_limits:max_connections is -1: use an integer from 0 to 1000000"),
+        ("bandwidth_out", "1m", r"client_limits:bandwidth_out is '1m': use an integer"),
+    ],
+)
+def test_bad_limits_are_refused_naming_the_key(key, value, message):
+    with pytest.raises(mtproxy.SettingsError, match="^Pillar mtproxy:haproxy:" + message):
+        guarded(client_limits={key: value})
+
+
+def test_a_replay_guard_wait_over_30s_is_refused():
+    with pytest.raises(mtproxy.SettingsError, match=r"^Pillar mtproxy:haproxy:replay_guard:inspect_delay is '1m'"):
+        guarded({"inspect_delay": "1m"})
