@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shlex
 import signal
 import stat
 import subprocess
@@ -27,6 +26,7 @@ from cell import (
     replica_peers,
     servers,
     table_routes,
+    unit_command,
     unit_problems,
     wait_servers_up,
     wait_status,
@@ -176,8 +176,7 @@ def test_boot_unit_restores_the_return_path(public_stats):
     host.run(["iptables", "-t", "mangle", "-F", "OUTPUT"])
     assert "lookup 100" not in ip_rules(host) and "mtproxy" not in mangle_output(host)
 
-    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
-    argv = shlex.split(exec_start.removeprefix("ExecStart="))
+    argv = unit_command(host, "mtproxy-return-path.service")
     proc = host.run(argv, check=False, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     assert proc.returncode == 0, proc.stderr
     after = (ip_rules(host), table_routes(host), mangle_output(host))

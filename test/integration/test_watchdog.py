@@ -11,7 +11,6 @@ the test's own clock and printed (run with ``-s``).
 from __future__ import annotations
 
 import json
-import shlex
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from cell import (
     ip_rules,
     mangle_output,
     table_routes,
+    unit_command,
     unit_problems,
 )
 
@@ -114,17 +114,11 @@ def watchdog_pillar(host, **overrides) -> dict:
     return cell_pillar(host, haproxy={"timeout_connect": CONNECT_TIMEOUT}, **overrides)
 
 
-def exec_start(host, unit: str) -> list[str]:
-    text = (host.workdir / "systemd" / unit).read_text()
-    line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
-    return shlex.split(line.removeprefix("ExecStart="))
-
-
 class Watchdog:
     """The watchdog unit's ExecStart, run in the test host (no systemd there), logging to a file."""
 
     def __init__(self, host):
-        self.argv = exec_start(host, WATCHDOG_UNIT)
+        self.argv = unit_command(host, WATCHDOG_UNIT)
         self.status_file = self.argv[self.argv.index("--status") + 1]
         self.log = host.workdir / "watchdog.log"
         with open(self.log, "w") as out:
@@ -228,8 +222,8 @@ def test_watchdog_unit(mark_cell):
     text = (host.workdir / "systemd" / WATCHDOG_UNIT).read_text()
     for line in ("Type=simple", "Restart=always", "After=mtproxy-return-path.service", "WantedBy=multi-user.target"):
         assert line in text.splitlines(), text
-    argv = exec_start(host, WATCHDOG_UNIT)
-    boot = exec_start(host, "mtproxy-return-path.service")
+    argv = unit_command(host, WATCHDOG_UNIT)
+    boot = unit_command(host, "mtproxy-return-path.service")
     config = pillar["mtproxy"]["config_dir"] + "/return-path.json"
     status = pillar["mtproxy"]["run_dir"] + "/return-path.status"
     assert argv == [*boot[:2], "watch", "--config", config, "--interval", "3", "--status", status]
@@ -247,7 +241,7 @@ def test_status_reports_missing_rules_without_watchdog(mark_cell):
         assert broken["ok"] is False, broken
         assert broken["missing"] == ["ip route local 0.0.0.0/0 dev lo table 100 proto 201"], broken
     finally:
-        host.run(exec_start(host, "mtproxy-return-path.service"), env=PATH)
+        host.run(unit_command(host, "mtproxy-return-path.service"), env=PATH)
     assert salt_status(host, pillar)["ok"] is True
 
 
