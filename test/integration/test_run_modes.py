@@ -4,8 +4,8 @@
   salt-minion inside each of two test hosts, linked to the master by veth
   pairs; pillar from the master's pillar_roots (top file: examples/top.sls),
   formula and modules from its file_roots (master config: examples/master.conf);
-- salt-ssh: sshd inside a test host, `salt-ssh` run from its client namespace
-  with a roster built from examples/roster.
+- salt-ssh: see test_salt_ssh_bare.py (a bare target, bootstrapped by the
+  formula).
 
 Apply wall times are printed (`-s` shows them), never asserted.
 """
@@ -16,10 +16,8 @@ import json
 import time
 
 import pytest
-import yaml
 from cell import assert_cell_serves, cell_pillar, changed, containers, failed
-from saltdaemons import EXAMPLES, SaltMaster, SaltMinion, Sshd, salt_ssh
-from testhost import VENV_BIN
+from saltdaemons import SaltMaster, SaltMinion
 
 pytestmark = pytest.mark.integration
 
@@ -110,67 +108,3 @@ def test_cli_pillar_scales_and_targeting_changes_one_host(cluster):
     # The other host was not touched: same containers, still three replicas serving.
     assert containers(one) == before_one
     assert_cell_serves(one, cell_pillar(one, replicas=3), 3, connections=12)
-
-
-# -- salt-ssh --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ssh_target(make_testhost, cluster):
-    """A fresh test host with sshd; the roster is examples/roster with test values."""
-    master, _, _ = cluster
-    host = make_testhost()
-    sshd = None
-    try:
-        sshd = Sshd(host).start()
-        sample = yaml.safe_load((EXAMPLES / "roster").read_text())
-        entry = next(iter(sample.values()))
-        entry.update(
-            {
-                "host": host.address,
-                "port": sshd.port,
-                "priv": str(sshd.client_key),
-                "thin_dir": str(host.workdir / "salt-thin"),
-                # Host keys go to the test host's own known_hosts, never root's.
-                "ssh_options": [f"UserKnownHostsFile={host.workdir / 'known_hosts'}"],
-                # The target's python3: the project venv, which has
-                # saltext-dockermod (a thin cannot carry a Salt extension).
-                "set_path": f"{VENV_BIN}:{entry['set_path']}",
-            }
-        )
-        roster = host.workdir / "roster"
-        roster.write_text(yaml.safe_dump({host.name: entry}))
-        # No minion config on the target: the Docker endpoint comes from
-        # pillar, for the Docker states (docker.url) and for the formula's own
-        # HAProxy config check (mtproxy:docker_host).
-        pillar = cell_pillar(host, docker_host=host.docker_host)
-        pillar["docker.url"] = host.docker_host
-        master.set_pillar({host.name: pillar})
-        yield master, host, roster, sshd.client_key, pillar
-    finally:
-        if sshd:
-            sshd.stop()
-        host.stop()
-
-
-def test_salt_ssh_apply_deploys_a_serving_cell(ssh_target):
-    master, host, roster, key, pillar = ssh_target
-    returns = timed(
-        "salt-ssh first apply",
-        salt_ssh,
-        master,
-        host,
-        roster,
-        key,
-        host.name,
-        "state.apply",
-        "mtproxy",
-        timeout=300,
-    )
-    state_results(returns, host.name)
-    assert_cell_serves(host, pillar, 2, connections=12)
-
-    again = timed(
-        "salt-ssh second apply", salt_ssh, master, host, roster, key, host.name, "state.apply", "mtproxy", timeout=300
-    )
-    assert changed(state_results(again, host.name)) == {}
