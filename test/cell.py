@@ -89,17 +89,21 @@ def changed(result: Any) -> dict:
     }
 
 
-def show_stat(host: TestHost, admin_socket: str) -> list[dict]:
-    """HAProxy's ``show stat`` through the admin socket, as a list of rows."""
-    proc = subprocess.run(
-        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{admin_socket}"],
-        input="show stat\n",
+def admin_command(socket_path: str, command: str) -> str:
+    """HAProxy's answer to ``command`` on its admin socket (a host path)."""
+    return subprocess.run(
+        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{socket_path}"],
+        input=command + "\n",
         capture_output=True,
         text=True,
         timeout=15,
         check=True,
-    )
-    text = proc.stdout.lstrip("# ")
+    ).stdout
+
+
+def show_stat(host: TestHost, admin_socket: str) -> list[dict]:
+    """HAProxy's ``show stat`` through the admin socket, as a list of rows."""
+    text = admin_command(admin_socket, "show stat").lstrip("# ")
     return list(csv.DictReader(io.StringIO(text)))
 
 

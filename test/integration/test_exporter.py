@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 from cell import FRONTEND_PORT, apply, cell_pillar, changed, containers, replica_names, unit_command, wait_servers_up
 from standin_dc import StandIn, derive_image
+from testhost import stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -126,13 +126,7 @@ class Exporter:
                     last[key] = number
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 def traffic(host, secret: str, sessions: int, packets: int, hold=None) -> dict:

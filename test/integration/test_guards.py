@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from cell import (
     FRONTEND_PORT,
+    admin_command,
     admin_socket,
     apply,
     cell_pillar,
@@ -197,14 +198,7 @@ def replay(host, pillar: dict, data: bytes, original_sent: bool = False) -> dict
 
 
 def table_used(pillar: dict, name: str) -> int:
-    out = subprocess.run(
-        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{admin_socket(pillar)}"],
-        input="show table\n",
-        capture_output=True,
-        text=True,
-        timeout=15,
-        check=True,
-    ).stdout
+    out = admin_command(admin_socket(pillar), "show table")
     return int(re.search(rf"# table: {name}, .*used:(\d+)", out)[1])
 
 

@@ -30,6 +30,7 @@ import pytest
 from cell import (
     BASE_PORT,
     FRONTEND_PORT,
+    admin_command,
     admin_socket,
     apply,
     cell_pillar,
@@ -128,14 +129,7 @@ def addresses_replicas_log(host, count: int, replays: int = 6) -> set[str]:
 
 def server_of_client_port(host, pillar: dict) -> dict[int, str]:
     """HAProxy's sessions (``show sess``): the client's source port -> the replica it relays to."""
-    out = subprocess.run(
-        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{admin_socket(pillar)}"],
-        input="show sess\n",
-        capture_output=True,
-        text=True,
-        timeout=15,
-        check=True,
-    ).stdout
+    out = admin_command(admin_socket(pillar), "show sess")
     return {int(port): server for port, server in SESSION.findall(out)}
 
 
