@@ -136,6 +136,14 @@ def test_apply_before_bootstrap_is_refused_in_one_line_and_changes_nothing(bare)
 
 def test_bootstrap_then_apply_serves_and_a_rerun_changes_nothing(bare):
     host, run, pillar, venv = bare
+    # test=True says what the bootstrap would do, and does nothing.
+    would = changed(state_results(run("state.apply", "mtproxy.bootstrap", "test=True"), host.name))
+    assert set(would) == {"The formula's Python modules are in their venv"}, would
+    plan = would["The formula's Python modules are in their venv"]
+    assert plan["installed"] == ["docker", "pyroute2", "saltext.dockermod"], plan
+    assert plan["venv"].startswith(f"created with {SYSTEM_PYTHON}"), plan  # python3.11 on Debian 12
+    assert not venv.exists()
+
     returns = timed("salt-ssh bootstrap (bare host)", run, "state.apply", "mtproxy.bootstrap")
     done = changed(state_results(returns, host.name))
     assert set(done) == {"The formula's Python modules are in their venv"}, done
