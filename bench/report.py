@@ -37,6 +37,7 @@ def header(results: dict) -> list[str]:
         f"- Versions: HAProxy {v.get('haproxy', '?')}; Salt {v.get('salt', '?')}; Python {v.get('python', '?')}; "
         f"Docker {v.get('docker', '?')}; mtprotoproxy {v.get('mtprotoproxy', '?')}.",
         f"- Formula: {results['formula']}.",
+        *later_runs(results),
         "- Reproduce: `make bench` (root, Debian 12; writes this file, `results.json` with every raw run, and "
         f"`{PLOT}`). `bench/run.py --quick` or `--only SECTION` for a short run.",
         "",
@@ -56,6 +57,19 @@ def header(results: dict) -> list[str]:
     if results.get("errors"):
         lines += ["**Sections that failed in this run:** " + ", ".join(results["errors"]) + " (see results.json).", ""]
     return lines
+
+
+def later_runs(results: dict) -> list[str]:
+    """Sections measured in a later run and merged in (bench/run.py --merge)."""
+    later: dict[tuple, list[str]] = {}
+    for name, run in results.get("section_runs", {}).items():
+        if run["date"] != results["date"]:
+            later.setdefault((run["date"], run["command"], run["formula"]), []).append(name)
+    return [
+        f"- Sections {', '.join(names)}: measured {date} by `{command}` (formula {formula}), merged into this "
+        "run's results; their ratios compare setups of that run only."
+        for (date, command, formula), names in later.items()
+    ]
 
 
 def splice_decision(wins: bool, defaults: dict) -> str:
@@ -366,14 +380,242 @@ def salt(section: dict) -> list[str]:
     ]
 
 
+PARALLEL_KEY = "throughput_16"
+# Issue 17's targets: figures to report, not assertions.
+TARGETS = {
+    "16 sessions, cell with 1 replica ≥ 0.9x direct throughput": (
+        "cell 1 ÷ direct",
+        "throughput_16_mib_per_s",
+        ">=",
+        0.9,
+    ),
+    "packet round trip p50 ≤ 1.5x direct": ("cell 1 ÷ direct", "rtt_p50_ms", "<=", 1.5),
+    "cell CPU per GiB (HAProxy + replica) ≤ 1.15x a lone replica's (16 sessions)": (
+        "cell 1 ÷ direct",
+        "throughput_16_relay_cpu_per_gib",
+        "<=",
+        1.15,
+    ),
+}
+
+
+def _target_lines(ratios: dict) -> list[str]:
+    lines = []
+    for text, (pair, key, op, bound) in TARGETS.items():
+        value = ratios[pair][key].get("median")
+        met = value is not None and (value >= bound if op == ">=" else value <= bound)
+        lines.append(f"- {text}: {spread(ratios[pair][key], digits=2)}x, **{'met' if met else 'not met'}**.")
+    return lines
+
+
+def realpath(section: dict) -> list[str]:
+    setups, ratios = section["setups"], section["ratios"]
+    rows = []
+    for name, s in setups.items():
+        rows.append(
+            [
+                name,
+                spread(s["throughput_1"]["mib_per_s"], digits=0),
+                spread(s[PARALLEL_KEY]["mib_per_s"], digits=0),
+                spread(s["sessions_per_s"], digits=0),
+                spread(s["rtt_p50_ms"], digits=3),
+                spread(s["rtt_p99_ms"], digits=3),
+                spread(s[PARALLEL_KEY]["cpu_s_per_gib"]["relay"], digits=2),
+                f"{s['throughput_1']['mismatches'] + s[PARALLEL_KEY]['mismatches'] + s['rtt_mismatches']}"
+                f" / {s['sessions_failed']}",
+                f"{s['client_cpu_percent_max']:.0f} % ({s['client_saturated_runs']} saturated)",
+            ]
+        )
+    for pair, r in ratios.items():
+        rows.append(
+            [
+                f"**{pair}**",
+                *(
+                    f"**{spread(r[k], digits=2)}**"
+                    for k in (
+                        "throughput_1_mib_per_s",
+                        f"{PARALLEL_KEY}_mib_per_s",
+                        "sessions_per_s",
+                        "rtt_p50_ms",
+                        "rtt_p99_ms",
+                        f"{PARALLEL_KEY}_relay_cpu_per_gib",
+                    )
+                ),
+                "",
+                "",
+            ]
+        )
+    cpu_rows = []
+    for kind, label in (("throughput_1", "1 session"), (PARALLEL_KEY, "16 sessions")):
+        for name, s in setups.items():
+            per = s[kind]["cpu_s_per_gib"]
+            total = sum(per[k]["median"] for k in ("client", "HAProxy", "replicas", "stand-in"))
+            cpu_rows.append(
+                [
+                    label,
+                    name,
+                    *(spread(per[k], digits=2) for k in ("client", "HAProxy", "replicas", "stand-in")),
+                    f"{total:.2f}",
+                    f"{100 * (per['HAProxy']['median'] + per['replicas']['median']) / total:.0f} %",
+                ]
+            )
+    one, direct = setups["cell, 1 replica"], setups["direct"]
+    two = setups["cell, 2 replicas"]
+    runs = section["runs"]["direct"]
+    seconds = runs["throughput_1"][0]["seconds"]
+    size = runs["throughput_1"][0]["size"]
+    reps = len(runs["rtt"])
+    standin = section["standin"]
+    r1, r2 = ratios["cell 1 ÷ direct"], ratios["cell 2 ÷ cell 1"]
+    return [
+        "## 6. Real data path",
+        "",
+        "Real traffic: real mtprotoproxy replicas relay MTProto sessions to a stand-in Telegram data centre "
+        "(test/standin_dc.py, in the test host) that decrypts every byte and echoes it back re-encrypted; the "
+        "replicas run the test-only image derived from the local one (`" + section["image"] + "`: its data-centre "
+        "list names the stand-in; never a formula default). The client is our raw one (bench/mtload.py on "
+        "test/mtproto.py's `Session`, `dd` padded intermediate; not Telethon, whose loop adds tens of ms per "
+        "round trip). Setups: **direct** = a replica container like the cell's (same image, config, limits) on a "
+        "port outside the return-path rules, reached straight from the client namespace; **cell, 1 replica** = "
+        "the cell's frontend with the second replica in maintenance (admin socket), **cell, 2 replicas** = both "
+        "ready; the cell runs the formula's defaults (splice, replay guard, `option tcplog`). One deploy; within "
+        f"each of {reps} repetitions every measurement runs for the three setups in rotated order, and the ratios "
+        "are paired by repetition (median, min-max).",
+        "",
+        f"Throughput: {size // 1024} KiB packets for {seconds:.0f} s, up to 1 MiB in flight per session, bytes "
+        "echoed back byte-exact per second (each crosses the relay twice). Sessions/s: closed loop, 16 workers "
+        "each connect, handshake, round-trip one 16-byte packet (the handshake then completed all the way to the "
+        f"data centre), close. Round trip: one session, {runs['rtt'][0]['count']} packets of 64 bytes one at a "
+        "time. CPU = utime+stime from /proc/PID/stat of each process (all threads) over the run; relay = "
+        "HAProxy + replicas.",
+        "",
+        *_table(
+            [
+                "setup",
+                "MiB/s, 1 session",
+                "MiB/s, 16 sessions",
+                "sessions/s",
+                "round trip p50 ms",
+                "p99 ms",
+                "relay CPU s/GiB (16)",
+                "mismatches / failed",
+                "client CPU max",
+            ],
+            rows,
+        ),
+        "",
+        "CPU seconds per GiB echoed, by process (median, min-max); the last column is the relay's share:",
+        "",
+        *_table(["load", "setup", "client", "HAProxy", "replicas", "stand-in", "total", "relay share"], cpu_rows),
+        "",
+        f"Stand-in totals over the section: {standin['sessions']} sessions, {standin['bytes_in'] / 2**30:.1f} GiB "
+        f"echoed, {standin['bad_init']} bad inits.",
+        "",
+        "Targets (issue 17; figures, not assertions), cell with 1 replica against direct:",
+        "",
+        *_target_lines(ratios),
+        "",
+        "What this means: through the cell, 16 sessions move "
+        f"{_n(r1[f'{PARALLEL_KEY}_mib_per_s']['median'])}x and one session "
+        f"{_n(r1['throughput_1_mib_per_s']['median'])}x of the direct throughput, a packet's round trip takes "
+        f"{_n(r1['rtt_p50_ms']['median'])}x (p50), and the relay spends "
+        f"{_n(r1[f'{PARALLEL_KEY}_relay_cpu_per_gib']['median'])}x "
+        f"the CPU per GiB. Most CPU goes to the three Python processes that run AES-CTR over every byte (client, "
+        f"replica, stand-in); HAProxy with splice takes {_n(one[PARALLEL_KEY]['cpu_s_per_gib']['HAProxy']['median'])} "
+        f"s/GiB against the replica's {_n(one[PARALLEL_KEY]['cpu_s_per_gib']['replicas']['median'])}. A second "
+        f"replica gives 16 sessions x {_n(r2[f'{PARALLEL_KEY}_mib_per_s']['median'])} "
+        f"({spread(two[PARALLEL_KEY]['mib_per_s'], digits=0)} against "
+        f"{spread(one[PARALLEL_KEY]['mib_per_s'], digits=0)} MiB/s) and new sessions/s x "
+        f"{_n(r2['sessions_per_s']['median'])}. "
+        "What the ratios can show on 2 shared cores: the relative cost of the extra hop (HAProxy's CPU and "
+        "latency) with everything else equal. What they cannot: the gain of N replicas. Client, HAProxy, "
+        "replicas and stand-in all compete for the same two cores (with other work on the machine), and the "
+        "client and stand-in each already need most of one; a second replica process can only take CPU from "
+        "them, so 2 ÷ 1 near 1 says the machine is full, not that replicas do not scale. That needs a host "
+        "with more cores than the client and data centre use, or clients and data centre on other machines "
+        f"(direct setup: client CPU up to {direct['client_cpu_percent_max']:.0f} % of a core).",
+        "",
+    ]
+
+
+def replay_guard(section: dict) -> list[str]:
+    rows = []
+    for name, v in section["variants"].items():
+        rows.append(
+            [
+                name,
+                spread(v["sessions_per_s"], digits=0),
+                spread(v["p50_ms"], digits=2),
+                spread(v["p99_ms"], digits=2),
+                spread(v["max_deviation_pct"], " %", digits=1),
+                spread(v["haproxy_cpu_ms_per_session"], digits=3),
+                v["failed"],
+                f"{v['client_cpu_percent_max']:.0f} %",
+            ]
+        )
+    r = section["guard_vs_leastconn"]
+    rows.append(
+        [
+            "**guard ÷ leastconn**",
+            f"**{spread(r['sessions_per_s'], digits=2)}**",
+            f"**{spread(r['p50_ms'], digits=2)}**",
+            f"**{spread(r['p99_ms'], digits=2)}**",
+            "",
+            "",
+            "",
+            "",
+        ]
+    )
+    runs = section["runs"]["leastconn"]
+    open_run = runs["open"][0]
+    sessions = sum(sum(s.values()) for v in section["runs"].values() for s in v["spread"])
+    guard = section["variants"]["leastconn + replay guard"]
+    return [
+        "## 7. Replay guard",
+        "",
+        f"Real mtprotoproxy replicas ({section['replicas']}, the test-only image) and the stand-in data centre, "
+        "as in section 6. `leastconn` alone against `leastconn` with the replay guard (`haproxy:replay_guard`, "
+        "the default: HAProxy waits for the client's first 64 bytes and sticks them in a table, so a replayed "
+        "handshake reaches the replica that saw the original). The clients send their 64-byte handshake and "
+        "first packet at once, as real clients do, so the guard's inspect-delay never runs out. Sessions/s: "
+        f"closed loop, {runs['sessions'][0]['concurrency']} workers connect, handshake, round-trip one packet, "
+        f"close. Latency: open loop, {open_run['target_rate']:.0f} new sessions/s for "
+        f"{open_run['client']['wall_s']:.0f} s, connect() to the first echoed packet. Spread: each replica's "
+        "share of the sessions of a repetition (HAProxy's per-server session count), as the largest distance "
+        "from an even share. The variants alternate (ABBA, one reload each); ratios are paired by repetition.",
+        "",
+        *_table(
+            [
+                "balancing",
+                "sessions/s",
+                "connect → echo p50 ms",
+                "p99 ms",
+                "spread: max off even",
+                "HAProxy CPU ms/session",
+                "failed",
+                "client CPU max",
+            ],
+            rows,
+        ),
+        "",
+        f"What this means: the guard costs x {_n(r['sessions_per_s']['median'])} in new sessions/s and x "
+        f"{_n(r['p50_ms']['median'])} in median connect latency ({sessions} sessions in all), and keeps the spread "
+        f"over {section['replicas']} replicas within {guard['max_deviation_pct'].get('max', 0):.0f} % of even "
+        "(leastconn picks the replica for every fresh handshake; the table only matters for one seen before).",
+        "",
+    ]
+
+
 RENDER = {
     "datapath": datapath,
     "concurrency": concurrency,
     "failover": failover,
     "operations": operations,
     "salt": salt,
+    "realpath": realpath,
+    "replay_guard": replay_guard,
 }
-ORDER = ("datapath", "concurrency", "failover", "operations", "salt")
+ORDER = ("datapath", "concurrency", "failover", "operations", "salt", "realpath", "replay_guard")
 
 
 def _bars(ax, labels: list[str], stats: list[dict], color: str = "C0", offset: float = 0.0, width: float = 0.8):
@@ -447,6 +689,47 @@ def _plot_salt(ax, section: dict) -> None:
     ax.set_title("5. Salt apply wall time")
 
 
+def _plot_realpath(ax_ratio, ax_cpu, section: dict) -> None:
+    metrics = {
+        "throughput_1_mib_per_s": "MiB/s 1",
+        f"{PARALLEL_KEY}_mib_per_s": "MiB/s 16",
+        "sessions_per_s": "sessions/s",
+        "rtt_p50_ms": "RTT p50",
+        f"{PARALLEL_KEY}_relay_cpu_per_gib": "relay CPU/GiB",
+    }
+    colors = {}
+    for i, pair in enumerate(("cell 1 ÷ direct", "cell 2 ÷ cell 1")):
+        colors[pair] = f"C{i}"
+        stats = [section["ratios"][pair][k] for k in metrics]
+        _bars(ax_ratio, list(metrics.values()), stats, colors[pair], offset=(i - 0.5) * 0.4, width=0.4)
+    ax_ratio.axhline(1, color="grey", lw=0.8)
+    ax_ratio.tick_params(axis="x", labelsize=8)
+    ax_ratio.set_title("6. Real data path: ratios (1 = equal)")
+    _legend(ax_ratio, colors)
+    setups = list(section["setups"])
+    bottom = [0.0] * len(setups)
+    parts = {"client": "C0", "HAProxy": "C3", "replicas": "C2", "stand-in": "C7"}
+    for part, color in parts.items():
+        values = [section["setups"][s][PARALLEL_KEY]["cpu_s_per_gib"][part]["median"] for s in setups]
+        ax_cpu.bar(range(len(setups)), values, bottom=bottom, color=color)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax_cpu.set_xticks(range(len(setups)), setups, fontsize=8)
+    ax_cpu.set_ylabel("CPU s per GiB")
+    ax_cpu.set_title("6. Where the CPU goes (16 sessions)")
+    _legend(ax_cpu, parts)
+
+
+def _plot_replay_guard(ax, section: dict) -> None:
+    metrics = {"sessions_per_s": "sessions/s", "p50_ms": "p50 latency", "p99_ms": "p99 latency"}
+    _bars(ax, list(metrics.values()), [section["guard_vs_leastconn"][k] for k in metrics], "C1")
+    ax.axhline(1, color="grey", lw=0.8)
+    spreads = ", ".join(
+        f"{name}: max {v['max_deviation_pct'].get('max', 0):.0f} % off even" for name, v in section["variants"].items()
+    )
+    ax.set_title("7. Replay guard ÷ leastconn", fontsize=10)
+    ax.set_xlabel(f"spread over {section['replicas']} replicas: {spreads}", fontsize=7)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -454,14 +737,16 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sections = results["sections"]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    (a, b, c), (d, e, f) = axes
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12))
+    (a, b, c), (d, e, f), (g, h, i) = axes
     panels = {
         "datapath": lambda s: _plot_datapath(a, s),
         "concurrency": lambda s: _plot_concurrency(b, s),
         "failover": lambda s: _plot_failover(c, d, s),
         "operations": lambda s: _plot_operations(e, s),
         "salt": lambda s: _plot_salt(f, s),
+        "realpath": lambda s: _plot_realpath(g, h, s),
+        "replay_guard": lambda s: _plot_replay_guard(i, s),
     }
     for name, draw in panels.items():
         if name in sections:

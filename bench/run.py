@@ -1,13 +1,15 @@
 """`make bench`: deploy cells with the formula into a test host, measure, write bench/results.md.
 
 Sections (bench/sections.py): salt, failover, operations, concurrency,
-datapath, run in that order in one test host. Every number is reported as a
+datapath (synthetic backend), realpath (real replicas and the stand-in data
+centre), replay_guard, run in that order in one test host. Every number is reported as a
 median with its spread and as a ratio against a baseline measured in the same
 run: the machines are shared and noisy, timings alone mean little.
 
     bench/run.py                          # everything, writes bench/results.md, results.json, results.png
     bench/run.py --quick --out /tmp/b     # small numbers, for development
     bench/run.py --only failover,salt     # some sections
+    bench/run.py --only realpath --merge bench/results.json   # these sections again, the others kept
     bench/run.py --formula-ref HEAD       # deploy the committed formula, not the work tree
     bench/run.py --render bench/results.json   # the report again from a saved run (no measuring)
 
@@ -95,6 +97,23 @@ def versions(host: TestHost) -> dict:
     }
 
 
+def merge(base: dict, new: dict) -> dict:
+    """``base`` (an earlier run) with the sections measured in ``new`` replaced;
+    each section keeps when, how and on which formula it was measured."""
+    merged = dict(base)
+    runs = merged.setdefault("section_runs", {})
+    for name in base.get("sections", {}):
+        runs.setdefault(name, {k: base.get(k) for k in ("date", "formula", "command", "plan")})
+    for key in ("sections", "errors", "section_seconds"):
+        merged[key] = {
+            k: v for k, v in base.get(key, {}).items() if k not in new["sections"] and k not in new["errors"]
+        }
+        merged[key].update(new.get(key, {}))
+    for name in [*new["sections"], *new["errors"]]:
+        runs[name] = {k: new.get(k) for k in ("date", "formula", "command", "plan")}
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small numbers, for development")
@@ -102,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench", help="folder for results.md/.json/.png")
     parser.add_argument("--formula-ref", help="deploy the formula as committed at this git ref")
     parser.add_argument("--render", type=Path, help="only write results.md and the plot again from a results.json")
+    parser.add_argument(
+        "--merge", type=Path, help="keep this results.json's other sections: replace only the ones measured now"
+    )
     args = parser.parse_args(argv)
     if args.render:
         report.write(json.loads(args.render.read_text()), args.out)
@@ -145,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             host.stop()
     results["wall_seconds"] = round(time.monotonic() - started, 1)
+    if args.merge:
+        results = merge(json.loads(args.merge.read_text()), results)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report.write(results, args.out)
     log(f"done in {results['wall_seconds']} s: {args.out / 'results.md'}")

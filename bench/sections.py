@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from cell import (
     FRONTEND_PORT,
     HOLD,
     Load,
+    admin_command,
     admin_socket,
     apply,
     changed,
@@ -30,6 +32,7 @@ from cell import (
     show_stat,
     wait_servers_up,
 )
+from standin_dc import StandIn, derive_image
 from testhost import TestHost
 
 from bench.stats import ratio, summary
@@ -66,6 +69,10 @@ class Plan:
     kills: int = 5
     reloads: int = 10
     quiet_seconds: float = 10.0
+    realpath_reps: int = 5
+    realpath_seconds: float = 3.0
+    rtt_packets: int = 2000
+    guard_open_rate: float = 100.0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -80,6 +87,9 @@ class Plan:
             kills=2,
             reloads=3,
             quiet_seconds=4.0,
+            realpath_reps=1,
+            realpath_seconds=2.0,
+            rtt_packets=500,
         )
 
 
@@ -159,9 +169,13 @@ class Cell:
 
     def tune_namespaces(self) -> None:
         """Many short connections leave TIME_WAIT sockets; in our own namespaces
-        only, widen the ephemeral port range and let connect() reuse them."""
-        for run in (self.host.run, self.host.client_run):
-            run(["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000", "net.ipv4.tcp_tw_reuse=1"])
+        only, let connect() reuse them and, in the client's, widen the ephemeral
+        port range (the test host keeps its own: the formula refuses replica
+        ports inside it)."""
+        self.host.run(["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"])
+        self.host.client_run(
+            ["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65000", "net.ipv4.tcp_tw_reuse=1"]
+        )
 
 
 def load_summary(report: dict) -> dict:
@@ -598,10 +612,280 @@ def salt(cell: Cell) -> dict:
     }
 
 
+# -- 6. real data path: real replicas relaying MTProto to the stand-in data centre -----------
+
+MTLOAD = BENCH / "mtload.py"
+DIRECT_REPLICA = "bench_direct_replica"
+# The cell's HAProxy backend (mtproxy.settings).
+BACKEND = "mtproxy_replicas"
+REALPATH_SETUPS = ("direct", "cell, 1 replica", "cell, 2 replicas")
+PARALLEL = 16
+
+
+def start_direct_replica(cell: Cell, like: str = "mtproxy_1") -> str:
+    """A replica like ``like`` (same image, config and limits) on a port outside
+    the return-path rules, so a client reaches it directly: the baseline. Its
+    address."""
+    host = cell.host
+    info = json.loads(host.docker("inspect", like).stdout)[0]
+    config_dir, mount, _ = info["HostConfig"]["Binds"][0].split(":")
+    copy = host.workdir / "bench-direct-replica"
+    subprocess.run(["rm", "-rf", str(copy)], check=True)
+    subprocess.run(["cp", "-a", config_dir, str(copy)], check=True)
+    port = BASE_PORT + DIRECT_OFFSET
+    config = copy / "config.py"
+    text, count = re.subn(r"(?m)^PORT = \d+$", f"PORT = {port}", config.read_text())
+    if count != 1:
+        raise RuntimeError(f"no PORT line in {config}")
+    config.write_text(text)
+    # The command names the stats port of our entry point: another one.
+    command = [str(int(a) + DIRECT_OFFSET) if a.isdigit() else a for a in info["Config"]["Cmd"]]
+    hc = info["HostConfig"]
+    nofile = next((u["Soft"] for u in hc.get("Ulimits") or [] if u["Name"] == "nofile"), 65536)
+    host.docker("rm", "-f", DIRECT_REPLICA, check=False)
+    host.docker(
+        "run", "-d", "--name", DIRECT_REPLICA, "--network", "host",
+        "--memory", str(hc["Memory"] or 0), "--ulimit", f"nofile={nofile}:{nofile}",
+        "-v", f"{copy}:{mount}:ro", "--entrypoint", info["Config"]["Entrypoint"][0],
+        info["Config"]["Image"], *command,
+    )  # fmt: skip
+    target = f"{host.address}:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if host.run(["ss", "-Hltn", f"sport = :{port}"]).stdout.strip():
+            return target
+        time.sleep(0.3)
+    raise RuntimeError(f"the direct replica does not listen on {target}: {host.docker('logs', DIRECT_REPLICA)}")
+
+
+class CpuGroups:
+    """CPU seconds (utime+stime, all threads) of the processes a run involves, by group."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.start = {name: cpu_seconds(pids) for name, pids in groups.items()}
+
+    def used(self) -> dict[str, float]:
+        return {name: round(cpu_seconds(pids) - self.start[name], 3) for name, pids in self.groups.items()}
+
+
+def set_replica_state(cell: Cell, pillar: dict, name: str, state: str) -> None:
+    admin_command(admin_socket(pillar), f"set server {BACKEND}/{name} state {state}")
+
+
+def mtload(cell: Cell, mode: str, target: str, *args: str, groups: dict[str, list[int]] | None = None) -> dict:
+    """bench/mtload.py in the client namespace; with ``groups``, their CPU use during the run."""
+    cpu = CpuGroups(groups or {})
+    proc = cell.host.client_run([sys.executable, str(MTLOAD), mode, target, cell.secret, *args], timeout=180)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["cpu_s"] = {"client": result["client"]["cpu_s"], **cpu.used()}
+    return result
+
+
+def realpath(cell: Cell) -> dict:
+    """Real mtprotoproxy replicas (the test-only image) relaying MTProto to the
+    stand-in data centre: (a) a replica reached directly, the cell with (b) 1 and
+    (c) 2 replicas (the second in maintenance for b: one deploy, no redeploy
+    between setups). Setups rotate within each repetition; ratios are paired
+    by repetition."""
+    plan, host = cell.plan, cell.host
+    image = derive_image(host)
+    dc = StandIn(host)
+    try:
+        cell.tune_namespaces()
+        pillar = cell.pillar(image=image, replicas=2)
+        cell.deploy(pillar)
+        direct = start_direct_replica(cell)
+        container_pids = {
+            "direct": descendants(cell.container_pid(DIRECT_REPLICA)),
+            "cell": [p for n in replica_names(2) for p in descendants(cell.container_pid(n))],
+        }
+        seconds = f"--duration={plan.realpath_seconds}"
+        kinds = {
+            "throughput_1": ("throughput", "--sessions=1", seconds),
+            f"throughput_{PARALLEL}": ("throughput", f"--sessions={PARALLEL}", seconds),
+            "sessions": ("sessions", f"--concurrency={PARALLEL}", seconds),
+            "rtt": ("rtt", f"--count={plan.rtt_packets}", "--size=64"),
+        }
+        runs: dict = {s: {k: [] for k in kinds} for s in REALPATH_SETUPS}
+        for rep in range(plan.realpath_reps):
+            cell.log(f"real data path: repetition {rep + 1}/{plan.realpath_reps}")
+            for kind, (mode, *args) in kinds.items():
+                # Rotated, so that no setup always runs first (or right after a busy one).
+                order = REALPATH_SETUPS[rep % 3 :] + REALPATH_SETUPS[: rep % 3]
+                for setup in order:
+                    if setup != "direct":
+                        set_replica_state(cell, pillar, "mtproxy_2", "ready" if "2" in setup else "maint")
+                    groups = {
+                        "HAProxy": cell.haproxy_pids(),
+                        "replicas": container_pids["direct" if setup == "direct" else "cell"],
+                        "stand-in": [dc.proc.pid],
+                    }
+                    target = direct if setup == "direct" else cell.frontend
+                    runs[setup][kind].append(mtload(cell, mode, target, *args, groups=groups))
+        set_replica_state(cell, pillar, "mtproxy_2", "ready")
+        dc_status = dc.wait_idle()
+    finally:
+        host.docker("rm", "-f", DIRECT_REPLICA, check=False)
+        dc.stop()
+    return {"image": image, "direct": direct, "runs": runs, "standin": dc_status, **realpath_summary(runs)}
+
+
+def cpu_per_gib(run: dict) -> dict[str, float]:
+    gib = run["bytes"] / 2**30
+    per = {name: s / gib for name, s in run["cpu_s"].items()}
+    # The relay: what the cell adds between client and data centre.
+    per["relay"] = per["HAProxy"] + per["replicas"]
+    return per
+
+
+def realpath_summary(runs: dict) -> dict:
+    setups = {}
+    for setup, kinds in runs.items():
+        out: dict = {}
+        for kind in ("throughput_1", f"throughput_{PARALLEL}"):
+            out[kind] = {
+                "mib_per_s": summary(r["mib_per_s"] for r in kinds[kind]),
+                "cpu_s_per_gib": {
+                    name: summary((cpu_per_gib(r)[name] for r in kinds[kind]), digits=3)
+                    for name in ("client", "HAProxy", "replicas", "stand-in", "relay")
+                },
+                "mismatches": sum(r["mismatches"] for r in kinds[kind]),
+            }
+        out["sessions_per_s"] = summary(r["per_s"] for r in kinds["sessions"])
+        out["sessions_failed"] = sum(r["failed"] for r in kinds["sessions"])
+        out["rtt_p50_ms"] = summary((r["rtt_ms"]["p50"] for r in kinds["rtt"]), digits=3)
+        out["rtt_p99_ms"] = summary((r["rtt_ms"]["p99"] for r in kinds["rtt"]), digits=3)
+        out["rtt_mismatches"] = sum(r["mismatches"] for r in kinds["rtt"])
+        everything = [r for k in kinds.values() for r in k]
+        out["client_cpu_percent_max"] = max(r["client"]["cpu_percent"] for r in everything)
+        out["client_saturated_runs"] = sum(r["client"]["saturated"] for r in everything)
+        setups[setup] = out
+
+    def ratios(ours: dict, base: dict) -> dict:
+        out = {}
+        for kind in ("throughput_1", f"throughput_{PARALLEL}"):
+            out[f"{kind}_mib_per_s"] = paired(ours[kind], base[kind], lambda r: r["mib_per_s"])
+            out[f"{kind}_relay_cpu_per_gib"] = paired(ours[kind], base[kind], lambda r: cpu_per_gib(r)["relay"])
+        out["sessions_per_s"] = paired(ours["sessions"], base["sessions"], lambda r: r["per_s"])
+        out["rtt_p50_ms"] = paired(ours["rtt"], base["rtt"], lambda r: r["rtt_ms"]["p50"])
+        out["rtt_p99_ms"] = paired(ours["rtt"], base["rtt"], lambda r: r["rtt_ms"]["p99"])
+        return out
+
+    direct, one, two = (runs[s] for s in REALPATH_SETUPS)
+    return {
+        "setups": setups,
+        "ratios": {
+            "cell 1 ÷ direct": ratios(one, direct),
+            "cell 2 ÷ cell 1": ratios(two, one),
+            "cell 2 ÷ direct": ratios(two, direct),
+        },
+    }
+
+
+# -- 7. replay guard: leastconn alone against leastconn with the replay guard -----------------
+
+GUARD_VARIANTS = {"leastconn": False, "leastconn + replay guard": True}
+GUARD_REPLICAS = 3
+
+
+def server_totals(cell: Cell, pillar: dict) -> dict[str, int]:
+    """Sessions each replica has had (HAProxy's stot)."""
+    return {name: int(row["stot"]) for name, row in servers(cell.host, pillar).items()}
+
+
+def replay_guard(cell: Cell) -> dict:
+    """New sessions/s (closed loop) and connect → first echo latency (open loop),
+    the clients sending handshake and first packet at once; spread over 3
+    replicas from HAProxy's per-server session counts. Variants alternate
+    (ABBA), each a redeploy (a reload)."""
+    plan, host = cell.plan, cell.host
+    image = derive_image(host)
+    dc = StandIn(host)
+    runs: dict = {v: {"sessions": [], "open": [], "spread": []} for v in GUARD_VARIANTS}
+    try:
+        cell.tune_namespaces()
+        current = None
+        for rep in range(plan.reps):
+            order = list(GUARD_VARIANTS) if rep % 2 == 0 else list(reversed(GUARD_VARIANTS))
+            for variant in order:
+                pillar = cell.pillar(
+                    image=image, replicas=GUARD_REPLICAS, haproxy={"replay_guard": {"enabled": GUARD_VARIANTS[variant]}}
+                )
+                if variant != current:
+                    cell.deploy(pillar)
+                    current = variant
+                cell.log(f"replay guard: {variant}, repetition {rep + 1}/{plan.reps}")
+                before = server_totals(cell, pillar)
+                groups = {"HAProxy": cell.haproxy_pids()}
+                runs[variant]["sessions"].append(
+                    mtload(
+                        cell,
+                        "sessions",
+                        cell.frontend,
+                        f"--concurrency={PARALLEL}",
+                        f"--duration={plan.rate_seconds}",
+                        groups=groups,
+                    )
+                )
+                runs[variant]["open"].append(
+                    mtload(
+                        cell,
+                        "open",
+                        cell.frontend,
+                        f"--rate={plan.guard_open_rate}",
+                        f"--duration={plan.latency_seconds}",
+                    )
+                )
+                after = server_totals(cell, pillar)
+                runs[variant]["spread"].append({n: after[n] - before.get(n, 0) for n in sorted(after)})
+        dc_status = dc.wait_idle()
+    finally:
+        dc.stop()
+    variants = {}
+    for variant, r in runs.items():
+        shares = [share_deviation(s) for s in r["spread"]]
+        variants[variant] = {
+            "sessions_per_s": summary(x["per_s"] for x in r["sessions"]),
+            "haproxy_cpu_ms_per_session": summary(
+                x["cpu_s"]["HAProxy"] * 1000 / max(x["ok"], 1) for x in r["sessions"]
+            ),
+            "p50_ms": summary((x["latency_ms"]["p50"] for x in r["open"] if x["latency_ms"]), digits=3),
+            "p99_ms": summary((x["latency_ms"]["p99"] for x in r["open"] if x["latency_ms"]), digits=3),
+            "achieved_rate": summary(x["achieved_rate"] for x in r["open"]),
+            "failed": sum(x["failed"] for x in r["sessions"] + r["open"]),
+            "max_deviation_pct": summary(shares),
+            "client_cpu_percent_max": max(x["client"]["cpu_percent"] for x in r["sessions"] + r["open"]),
+        }
+    guard, plain = runs["leastconn + replay guard"], runs["leastconn"]
+    return {
+        "replicas": GUARD_REPLICAS,
+        "runs": runs,
+        "variants": variants,
+        "standin": dc_status,
+        "guard_vs_leastconn": {
+            "sessions_per_s": paired(guard["sessions"], plain["sessions"], lambda x: x["per_s"]),
+            "p50_ms": paired(guard["open"], plain["open"], lambda x: x["latency_ms"]["p50"]),
+            "p99_ms": paired(guard["open"], plain["open"], lambda x: x["latency_ms"]["p99"]),
+        },
+    }
+
+
+def share_deviation(counts: dict[str, int]) -> float:
+    """The largest distance of one replica's share from an even one, in % of even."""
+    total = sum(counts.values())
+    if not total:
+        return 0.0
+    even = total / len(counts)
+    return round(max(abs(c - even) for c in counts.values()) * 100 / even, 1)
+
+
 SECTIONS: dict[str, Callable[[Cell], dict]] = {
     "salt": salt,
     "failover": failover,
     "operations": operations,
     "concurrency": concurrency,
     "datapath": datapath,
+    "realpath": realpath,
+    "replay_guard": replay_guard,
 }
