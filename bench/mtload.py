@@ -110,6 +110,7 @@ async def throughput(host: str, port: int, secret: str, sessions: int, duration:
         "mode": "throughput",
         "sessions": sessions,
         "size": size,
+        "window": window,
         "bytes": total,
         "seconds": round(elapsed, 3),
         "mib_per_s": round(total / elapsed / 2**20, 1),
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="sessions: workers")
     parser.add_argument("--rate", type=float, default=100.0, help="open: new sessions per second")
     parser.add_argument("--size", type=int, default=65536, help="packet payload bytes (a multiple of 4)")
-    parser.add_argument("--window", type=int, default=1 << 20, help="throughput: bytes in flight per session")
+    parser.add_argument("--window", type=int, default=4 << 20, help="throughput: bytes in flight per session")
     parser.add_argument("--count", type=int, default=2000, help="rtt: packets")
     parser.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)

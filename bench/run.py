@@ -167,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             host.stop()
     results["wall_seconds"] = round(time.monotonic() - started, 1)
+    log(f"done in {results['wall_seconds']} s: {args.out / 'results.md'}")
     if args.merge:
         results = merge(json.loads(args.merge.read_text()), results)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report.write(results, args.out)
-    log(f"done in {results['wall_seconds']} s: {args.out / 'results.md'}")
     # Could not run at all: no section produced numbers.
     return 0 if results["sections"] else 1
 

@@ -1,4 +1,4 @@
-"""The five benchmark sections, each run against a cell deployed by the formula
+"""The benchmark sections, each run against a cell deployed by the formula
 into one test host. Each returns a JSON-able dict: raw runs plus summaries
 (median and min-max over repetitions) and ratios against a baseline measured
 in the same run. bench/report.py turns them into results.md and the plot.
