@@ -519,9 +519,7 @@ SCHEMA: dict[str, Spec] = {
     "python_packages:install": Bool(),
     "python_packages:target": Choice("auto", "salt", "venv"),
     "python_packages:venv": Path(),
-    "python_packages:venv_packages": ListOf(
-        Text(r"[a-z0-9][a-z0-9+.-]+", "use a Debian package name", empty=False)
-    ),
+    "python_packages:venv_packages": ListOf(Text(r"[a-z0-9][a-z0-9+.-]+", "use a Debian package name", empty=False)),
     "python_packages:find_links": Text(
         r"(/|https?://)[A-Za-z0-9_.:@/%+~-]*", "use an absolute folder or an http(s) URL of wheels, or empty"
     ),
