@@ -49,8 +49,8 @@ def header(results: dict) -> list[str]:
         "open-files limit of the machine: 20000 here; clients in a second namespace over a veth pair), deployed by "
         "`salt-call --local state.apply mtproxy`. The machine is shared and noisy: read the ratios, each against "
         f"a baseline measured in the same run, not the absolute numbers. Repeated measurements: median "
-        f"(min-max) of {plan['reps']} (data path: {plan.get('datapath_reps', plan['reps'])}; real data path: "
-        f"{real_reps}). The load generators are small asyncio clients of ours "
+        f"(min-max) of {plan['reps']} (data path: {plan.get('datapath_reps', plan['reps'])}; real data path and "
+        f"replay guard: {real_reps}). The load generators are small asyncio clients of ours "
         "(bench/netload.py, bench/mtload.py, "
         "test/loadgen.py: raw TCP and MTProto handshakes, which wrk and other HTTP tools do not speak); they "
         "report their own CPU use and schedule lag; a client at ≥ 85 % of a core is flagged as saturated (its "
@@ -407,6 +407,16 @@ TARGETS = {
 }
 
 
+def _noise(stats: dict) -> str:
+    """Whether paired ratios show a difference beyond this run's noise."""
+    if not stats.get("n"):
+        return "n/a"
+    span = f"{stats['min']:.2f}\u2013{stats['max']:.2f} over the repetitions"
+    if stats["min"] <= 1 <= stats["max"]:
+        return f"{span}: within this run's noise"
+    return f"{span}: every repetition {'above' if stats['min'] > 1 else 'below'} 1"
+
+
 def _target_lines(ratios: dict) -> list[str]:
     lines = []
     for text, (pair, key, op, bound) in TARGETS.items():
@@ -523,7 +533,8 @@ def realpath(section: dict) -> list[str]:
             rows,
         ),
         "",
-        "CPU seconds per GiB echoed, by process (median, min-max); relay share = (HAProxy + replicas) ÷ total; cores "
+        "CPU seconds per GiB echoed (2 GiB cross the relay, one each way), by process (median, min-max); "
+        "relay share = (HAProxy + replicas) ÷ total; cores "
         "busy = all four groups' CPU seconds ÷ the run's seconds (of the machine's 2):",
         "",
         *_table(
@@ -623,11 +634,13 @@ def replay_guard(section: dict) -> list[str]:
             rows,
         ),
         "",
-        f"What this means: the guard costs x {_n(r['sessions_per_s']['median'])} in new sessions/s and x "
-        f"{_n(r['p50_ms']['median'])} in median connect latency ({sessions} sessions in all; with the guard HAProxy "
-        "connects to a replica only once the client's first 64 bytes are in, not at accept), and keeps the spread "
-        f"over {section['replicas']} replicas within {guard['max_deviation_pct'].get('max', 0):.0f} % of even "
-        "(leastconn picks the replica for every fresh handshake; the table only matters for one seen before).",
+        f"What this means: with the guard, new sessions/s are x {_n(r['sessions_per_s']['median'])} "
+        f"({_noise(r['sessions_per_s'])}) and the median connect latency x {_n(r['p50_ms']['median'])} "
+        f"({_noise(r['p50_ms'])}) of leastconn alone, over {sessions} sessions in all (with the guard HAProxy "
+        "connects to a replica only once the client's first 64 bytes are in, not at accept); the spread over "
+        f"{section['replicas']} replicas stays within {guard['max_deviation_pct'].get('max', 0):.0f} % of even "
+        f"(leastconn alone: {section['variants']['leastconn']['max_deviation_pct'].get('max', 0):.0f} %; "
+        "leastconn picks the replica for every fresh handshake; the table only matters for one seen before).",
         "",
     ]
 

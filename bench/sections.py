@@ -806,7 +806,7 @@ def replay_guard(cell: Cell) -> dict:
     try:
         cell.tune_namespaces()
         current = None
-        for rep in range(plan.reps):
+        for rep in range(plan.datapath_reps):
             order = list(GUARD_VARIANTS) if rep % 2 == 0 else list(reversed(GUARD_VARIANTS))
             for variant in order:
                 pillar = cell.pillar(
@@ -815,7 +815,7 @@ def replay_guard(cell: Cell) -> dict:
                 if variant != current:
                     cell.deploy(pillar)
                     current = variant
-                cell.log(f"replay guard: {variant}, repetition {rep + 1}/{plan.reps}")
+                cell.log(f"replay guard: {variant}, repetition {rep + 1}/{plan.datapath_reps}")
                 before = server_totals(cell, pillar)
                 groups = {"HAProxy": cell.haproxy_pids()}
                 runs[variant]["sessions"].append(
