@@ -29,7 +29,11 @@ def header(results: dict) -> list[str]:
     real = results["sections"].get("realpath")
     later = [k for k, run in results.get("section_runs", {}).items() if run["date"] != results["date"]]
     own = {k: s for k, s in results.get("section_seconds", {}).items() if k not in later}
-    real_reps = len(real["runs"]["direct"]["rtt"]) if real else "n/a"
+    guard = results["sections"].get("replay_guard")
+    real_reps = "; ".join(
+        [f"real data path: {len(real['runs']['direct']['rtt'])}"] * bool(real)
+        + [f"replay guard: {len(guard['runs']['leastconn']['sessions'])}"] * bool(guard)
+    )
     lines = [
         "# Benchmarks",
         "",
@@ -49,8 +53,8 @@ def header(results: dict) -> list[str]:
         "open-files limit of the machine: 20000 here; clients in a second namespace over a veth pair), deployed by "
         "`salt-call --local state.apply mtproxy`. The machine is shared and noisy: read the ratios, each against "
         f"a baseline measured in the same run, not the absolute numbers. Repeated measurements: median "
-        f"(min-max) of {plan['reps']} (data path: {plan.get('datapath_reps', plan['reps'])}; real data path and "
-        f"replay guard: {real_reps}). The load generators are small asyncio clients of ours "
+        f"(min-max) of {plan['reps']} (data path: {plan.get('datapath_reps', plan['reps'])}"
+        f"{'; ' + real_reps if real_reps else ''}). The load generators are small asyncio clients of ours "
         "(bench/netload.py, bench/mtload.py, "
         "test/loadgen.py: raw TCP and MTProto handshakes, which wrk and other HTTP tools do not speak); they "
         "report their own CPU use and schedule lag; a client at ≥ 85 % of a core is flagged as saturated (its "
