@@ -795,7 +795,9 @@ def plot(results: dict, path: Path) -> None:
     for name, draw in panels.items():
         if name in sections:
             draw(sections[name])
-    fig.suptitle(f"mtproxy-formula benchmarks, {results['date']}: medians, whiskers min-max")
+    later = sorted({r["date"] for r in results.get("section_runs", {}).values()} - {results["date"]})
+    dates = results["date"] + "".join(f" (some sections: {d})" for d in later)
+    fig.suptitle(f"mtproxy-formula benchmarks, {dates}: medians, whiskers min-max")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
