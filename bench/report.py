@@ -421,6 +421,47 @@ def _noise(stats: dict) -> str:
     return f"{span}: every repetition {'above' if stats['min'] > 1 else 'below'} 1"
 
 
+def _other_realpath_runs(section: dict) -> list[str]:
+    """Later runs of the section on the same machine, kept in results.json (not merged): the noise between runs."""
+    lines = []
+    for run in section.get("other_runs", []):
+        one, two = run["ratios"]["cell 1 ÷ direct"], run["ratios"]["cell 2 ÷ cell 1"]
+        busy = {s: summary(v)["median"] for s, v in run["cores_busy_16"].items()}
+        lines.append(
+            f"- {run['date']}: cell 1 ÷ direct: 16 sessions {_n(one[f'{PARALLEL_KEY}_mib_per_s']['median'])}, "
+            f"1 session {_n(one['throughput_1_mib_per_s']['median'])}, sessions/s "
+            f"{_n(one['sessions_per_s']['median'])}, round trip p50 {_n(one['rtt_p50_ms']['median'])}, relay CPU/GiB "
+            f"{_n(one[f'{PARALLEL_KEY}_relay_cpu_per_gib']['median'])}; cell 2 ÷ cell 1, 16 sessions "
+            f"{_n(two[f'{PARALLEL_KEY}_mib_per_s']['median'])}; cores busy with 16 sessions: "
+            + ", ".join(f"{s} {v:.2f}" for s, v in busy.items())
+            + "."
+        )
+    if not lines:
+        return []
+    return [
+        "The same section run again later in the same hour (raw runs not kept; medians of their repetitions), "
+        "while other work took more of the machine (fewer cores busy with our processes). The run above is the "
+        "one where our processes had the most of the two cores:",
+        "",
+        *lines,
+        "",
+    ]
+
+
+def _other_guard_runs(section: dict) -> list[str]:
+    lines = [
+        f"- {run['date']}: guard ÷ leastconn sessions/s "
+        f"{spread(run['guard_vs_leastconn']['sessions_per_s'], digits=2)}, p50 "
+        f"{spread(run['guard_vs_leastconn']['p50_ms'], digits=2)}; most off an even share: "
+        + ", ".join(f"{v} {d.get('max', 0):.0f} %" for v, d in run["max_deviation_pct"].items())
+        + "."
+        for run in section.get("other_runs", [])
+    ]
+    if not lines:
+        return []
+    return ["Runs later in the same hour (5 repetitions each, a busier machine):", "", *lines, ""]
+
+
 def _target_lines(ratios: dict) -> list[str]:
     lines = []
     for text, (pair, key, op, bound) in TARGETS.items():
@@ -553,6 +594,7 @@ def realpath(section: dict) -> list[str]:
         "",
         *_target_lines(ratios),
         "",
+        *_other_realpath_runs(section),
         "What this means: through the cell, 16 sessions move "
         f"{_n(r1[f'{PARALLEL_KEY}_mib_per_s']['median'])}x and one session "
         f"{_n(r1['throughput_1_mib_per_s']['median'])}x of the direct throughput, a packet's round trip takes "
@@ -646,6 +688,7 @@ def replay_guard(section: dict) -> list[str]:
         f"(leastconn alone: {section['variants']['leastconn']['max_deviation_pct'].get('max', 0):.0f} %; "
         "leastconn picks the replica for every fresh handshake; the table only matters for one seen before).",
         "",
+        *_other_guard_runs(section),
     ]
 
 
