@@ -31,8 +31,8 @@ def header(results: dict) -> list[str]:
     own = {k: s for k, s in results.get("section_seconds", {}).items() if k not in later}
     guard = results["sections"].get("replay_guard")
     real_reps = "; ".join(
-        [f"real data path: {len(real['runs']['direct']['rtt'])}"] * bool(real)
-        + [f"replay guard: {len(guard['runs']['leastconn']['sessions'])}"] * bool(guard)
+        ([f"real data path: {len(real['runs']['direct']['rtt'])}"] if real else [])
+        + ([f"replay guard: {len(guard['runs']['leastconn']['sessions'])}"] if guard else [])
     )
     lines = [
         "# Benchmarks",
@@ -156,7 +156,8 @@ def datapath(section: dict, defaults: dict) -> list[str]:
         "return-path rules, reached directly. Direct and through-the-cell runs alternate, and so do the two HAProxy "
         "variants (a reload each time). HAProxy runs the "
         "formula's config as deployed, logging every connection (`option tcplog` to stdout, kept by Docker): "
-        "that cost is part of the cell's numbers.",
+        "that cost is part of the cell's numbers. Runs since the replay guard (section 7) have it off here: this "
+        "backend speaks first, so the guard would hold each connection for its inspect delay.",
         "",
         f"New connections/s: closed loop, {section['variants']['no splice']['runs']['cell']['rate'][0]['concurrency']} "
         "concurrent connect → first byte → close. Latency: connect() to first byte, open loop at "

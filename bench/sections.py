@@ -203,6 +203,10 @@ def make_backend_image(host: TestHost) -> None:
     host.docker("create", "--name", "bench-backend-build", image)
     try:
         host.docker("cp", str(BENCH / "backend.py"), "bench-backend-build:/usr/local/bin/bench-backend.py")
+        # The formula runs the replica through its stats hook (python3 stats.py
+        # PORT /usr/local/bin/mtprotoproxy CONFIG), not the image's entry point:
+        # the backend takes mtprotoproxy's place there too.
+        host.docker("cp", str(BENCH / "backend.py"), "bench-backend-build:/usr/local/bin/mtprotoproxy")
         entry = '["python3", "/usr/local/bin/bench-backend.py"]'
         host.docker("commit", "--change", f"ENTRYPOINT {entry}", "bench-backend-build", BACKEND_IMAGE)
     finally:
@@ -241,7 +245,14 @@ def datapath(cell: Cell) -> dict:
         order = list(DATAPATH_VARIANTS) if rep % 2 == 0 else list(reversed(DATAPATH_VARIANTS))
         for variant in order:
             if variant != current:
-                haproxy = {"splice": DATAPATH_VARIANTS[variant], "maxconn": DATAPATH_MAXCONN}
+                # The replay guard off: this backend speaks first and the client
+                # waits for it, so the guard would hold every connection for its
+                # inspect delay. Section replay_guard measures it with real clients.
+                haproxy = {
+                    "splice": DATAPATH_VARIANTS[variant],
+                    "maxconn": DATAPATH_MAXCONN,
+                    "replay_guard": {"enabled": False},
+                }
                 cell.deploy(cell.pillar(image=BACKEND_IMAGE, haproxy=haproxy))
                 current = variant
             cell.log(f"data path: {variant}, repetition {rep + 1}/{plan.datapath_reps}")
