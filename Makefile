@@ -17,7 +17,7 @@ help:
 	@echo "make demo       deploy a 2-replica cell into a local test host and print how to connect"
 	@echo "make demo-down  tear the demo cell down"
 	@echo "make test       lint and run the whole test suite (installs what it needs)"
-	@echo "make bench      run the benchmarks (about 10 min), write bench/results.md and bench/results.png"
+	@echo "make bench      run the benchmarks (about 15 min), write bench/results.md and bench/results.png"
 	@echo "make clean      remove .venv, built images and any test host left behind"
 
 host-setup:
