@@ -240,13 +240,15 @@ class Monotonic:
         self._state: dict[tuple, list] = {}  # key -> [process, last raw value, offset]
 
     def update(self, key: tuple, process: Any, value: float) -> tuple[float, bool]:
-        """The carried-over value of ``key`` and whether its source restarted
-        (its ``process`` changed, or, when it names none, the value dropped)."""
+        """The carried-over value of ``key`` and whether its source restarted:
+        its ``process`` changed, or the value dropped (a counter only drops when
+        its process is new, even one that reuses the id: HAProxy's master is
+        PID 1 in every new container)."""
         state = self._state.get(key)
         if state is None:
             self._state[key] = [process, value, 0]
             return value, False
-        restarted = process != state[0] if process is not None else value < state[1]
+        restarted = (process is not None and process != state[0]) or value < state[1]
         if restarted:
             state[2] += state[1]
         state[0], state[1] = process, value

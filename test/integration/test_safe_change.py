@@ -34,6 +34,9 @@ pytestmark = pytest.mark.integration
 
 NAMES = replica_names(3)
 BROKEN_IMAGE = "mtproxy-formula/broken:local"
+BREAK_PYTHON = r"""rm /usr/bin/python3
+printf '#!/bin/sh\necho replica cannot start: test image >&2\nexit 3\n' > /usr/bin/python3
+chmod 755 /usr/bin/python3"""
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,7 @@ def test_a_base_port_change_rolls_replicas_to_the_new_ports_without_a_failed_con
     # Back, and a shift that overlaps the ports in use (4431 -> 4432 would
     # take mtproxy_2's port): the rollout goes from the last replica down.
     shifted = held_clients_pillar(host, replicas=3, base_port=4432)
-    by_id = rollout(host, after, shifted, host.address, 4432, "base_port 4431 -> 4432")
+    by_id = rollout(host, before, shifted, host.address, 4432, "base_port 4431 -> 4432")
     drained = [by_id[f"Replica {name} is drained before it is replaced"]["__run_num__"] for name in NAMES]
     assert drained == sorted(drained, reverse=True)
 
@@ -124,16 +127,20 @@ def test_a_replica_that_does_not_start_stops_the_rollout_with_the_others_serving
     good = held_clients_pillar(host, replicas=3)
     apply(host, good)
     wait_servers_up(host, good, NAMES)
-    # An image whose replica exits at once, saying why.
+    # An image whose replica exits at once, saying why. The formula names the
+    # entry point (python3 and our stats entry point), so python3 is what breaks.
     host.docker("rm", "-f", "broken-source", check=False)
-    host.docker("create", "--name", "broken-source", "mtproxy-formula/mtprotoproxy:local")
     host.docker(
-        "commit",
-        "--change",
-        'ENTRYPOINT ["/bin/sh", "-c", "echo replica cannot start: test image >&2; exit 3", "--"]',
+        "run",
+        "--name",
         "broken-source",
-        BROKEN_IMAGE,
+        "--entrypoint",
+        "/bin/sh",
+        "mtproxy-formula/mtprotoproxy:local",
+        "-c",
+        BREAK_PYTHON,
     )
+    host.docker("commit", "broken-source", BROKEN_IMAGE)
     host.docker("rm", "broken-source")
     ids = {name: info["id"] for name, info in containers(host).items()}
     broken = held_clients_pillar(host, replicas=3, image=BROKEN_IMAGE)

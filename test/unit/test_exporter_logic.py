@@ -94,6 +94,12 @@ def test_a_counter_carries_over_a_restart_and_never_goes_backwards():
     counters.update(other, None, 50)
     assert counters.update(other, None, 10) == (60, True)
     assert counters.update(other, None, 10) == (60, False)
+    # A process id that comes back (HAProxy's master is PID 1 in every new
+    # container): a drop is a restart all the same.
+    master = ("haproxy", "master", "reloads")
+    counters.update(master, 1, 3)
+    assert counters.update(master, 1, 0) == (3, True)
+    assert counters.update(master, 1, 1) == (4, False)
     assert counters.forget(lambda k: k[1] == "mtproxy_2") == {other: 60}
     assert counters.last(other) is None and counters.last(key) == 570
 
