@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadgen import ClientUsage, raise_nofile
 from mtproto import Session
 
-from bench.netload import Timed, saturated
+from bench.netload import Timed, paced, saturated
 from bench.stats import summary
 
 
@@ -139,39 +139,13 @@ async def closed_loop(host: str, port: int, secret: str, duration: float, concur
 
 
 async def open_loop(host: str, port: int, secret: str, duration: float, rate: float, timeout: float) -> dict:
-    timed, usage = Timed(), ClientUsage()
-    tasks: set[asyncio.Task] = set()
     payload = b"ping" * 4
 
-    async def one() -> None:
-        try:
-            timed.latencies.append(await echo_once(host, port, secret, timeout, payload))
-        except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            timed.fail(exc)
+    async def attempt() -> float:
+        return await echo_once(host, port, secret, timeout, payload)
 
-    start = time.monotonic()
-    sent = 0
-    while (now := time.monotonic()) - start < duration:
-        due = start + sent / rate
-        if now < due:
-            await asyncio.sleep(due - now)
-            continue
-        usage.late(now - due)
-        sent += 1
-        task = asyncio.create_task(one())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    elapsed = time.monotonic() - start
-    if tasks:
-        await asyncio.wait(tasks, timeout=timeout * 2)
-    return {
-        "mode": "open",
-        "target_rate": rate,
-        "sent": sent,
-        "achieved_rate": round(sent / elapsed, 1),
-        **timed.report(elapsed),
-        "client": usage.report(),
-    }
+    errors = (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError)
+    return await paced("open", attempt, errors, duration, rate, timeout)
 
 
 async def rtt(host: str, port: int, secret: str, count: int, size: int, timeout: float) -> dict:

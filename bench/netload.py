@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
@@ -109,15 +110,19 @@ async def closed_loop(host: str, port: int, duration: float, concurrency: int, t
     return {"mode": "rate", "concurrency": concurrency, **timed.report(elapsed), "client": usage.report()}
 
 
-async def open_loop(host: str, port: int, duration: float, rate: float, timeout: float, secret: str | None) -> dict:
+async def paced(
+    mode: str, attempt: Callable[[], Awaitable[float]], errors: tuple, duration: float, rate: float, timeout: float
+) -> dict:
+    """Open loop: start ``attempt`` (which returns its latency) ``rate`` times a
+    second for ``duration`` s, whatever the earlier ones are doing, so a slow
+    server shows as latency, not as a lower offered rate."""
     timed, usage = Timed(), ClientUsage()
     tasks: set[asyncio.Task] = set()
 
     async def one() -> None:
-        payload = handshake(secret) if secret else None
         try:
-            timed.latencies.append(await first_answer(host, port, timeout, payload))
-        except (OSError, TimeoutError, ConnectionError) as exc:
+            timed.latencies.append(await attempt())
+        except errors as exc:
             timed.fail(exc)
 
     start = time.monotonic()
@@ -136,13 +141,20 @@ async def open_loop(host: str, port: int, duration: float, rate: float, timeout:
     if tasks:
         await asyncio.wait(tasks, timeout=timeout * 2)
     return {
-        "mode": "latency",
+        "mode": mode,
         "target_rate": rate,
         "sent": sent,
         "achieved_rate": round(sent / elapsed, 1),
         **timed.report(elapsed),
         "client": usage.report(),
     }
+
+
+async def open_loop(host: str, port: int, duration: float, rate: float, timeout: float, secret: str | None) -> dict:
+    async def attempt() -> float:
+        return await first_answer(host, port, timeout, handshake(secret) if secret else None)
+
+    return await paced("latency", attempt, (OSError, TimeoutError, ConnectionError), duration, rate, timeout)
 
 
 def bulk(host: str, port: int, size: int, timeout: float) -> dict:
