@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -147,13 +146,7 @@ def sessions(host: TestHost | None = None, links: list[dict] | None = None) -> i
         "which echoes each packet back:"
     )
     args = [host.address, str(FRONTEND_PORT), secrets.get("secure", ""), secrets.get("tls", ""), TLS_DOMAIN]
-    ours = subprocess.run(
-        [*host.nsenter(client=True), sys.executable, __file__, "round-trips", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    ours = host.client_run([sys.executable, __file__, "round-trips", *args], check=False, timeout=300)
     if ours.returncode != 0:
         print(f"  the client failed (exit {ours.returncode}):\n{ours.stderr[-3000:]}")
         return 1
@@ -166,9 +159,8 @@ def sessions(host: TestHost | None = None, links: list[dict] | None = None) -> i
         )
     if "secure" in secrets:
         count, packets = TELETHON
-        telethon = subprocess.run(
+        telethon = host.client_run(
             [
-                *host.nsenter(client=True),
                 sys.executable,
                 str(TEST_DIR / "traffic.py"),
                 host.address,
@@ -181,10 +173,8 @@ def sessions(host: TestHost | None = None, links: list[dict] | None = None) -> i
                 "--packets",
                 str(packets),
             ],
-            capture_output=True,
-            text=True,
-            timeout=300,
             check=False,
+            timeout=300,
         )
         if telethon.returncode != 0:
             print(f"  Telethon failed (exit {telethon.returncode}):\n{telethon.stderr[-3000:]}")
