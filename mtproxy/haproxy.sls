@@ -27,7 +27,10 @@ HAProxy run directory exists and is root-only:
 HAProxy config is valid and in place:
   file.managed:
     - name: {{ haproxy.config_file }}
-    - source: salt://{{ tplroot }}/templates/haproxy.cfg.jinja
+    # TOFS: an operator's own template for this minion, else the formula's.
+    - source:
+      - salt://{{ tplroot }}/files/{{ grains['id'] }}/haproxy.cfg.jinja
+      - salt://{{ tplroot }}/files/default/haproxy.cfg.jinja
     - template: jinja
     - makedirs: true
     - dir_mode: '0700'

@@ -26,7 +26,8 @@ _spec.loader.exec_module(flavors)
 SECOND = "8e1f5f0c2b7e9a1d4c3b6f0a2d4c6b8e"
 AD_TAG = "3c09c680b76ee91a4c25ad51f742267d"
 DOMAIN = "www.example.com"
-TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(REPO / "mtproxy" / "templates"))
+# The default HAProxy template (mtproxy/files/default/, where the TOFS lookup ends).
+TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(REPO / "mtproxy" / "files" / "default"))
 
 
 def cell(**changes) -> dict:
