@@ -284,6 +284,15 @@ def _server_row(row: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _server_rows(text: str, backend: str | None) -> list[dict[str, Any]]:
+    """The servers in ``show stat`` (of ``backend`` only, when given)."""
+    return [
+        _server_row(row)
+        for row in _parse_stat(text)
+        if row.get("svname") not in ("FRONTEND", "BACKEND") and (not backend or row.get("pxname") == backend)
+    ]
+
+
 _TABLE_HEADER = re.compile(r"# table: (?P<name>[^,]+), type: (?P<type>[^,]+), size:(?P<size>\d+), used:(?P<used>\d+)")
 
 
@@ -314,6 +323,32 @@ def _parse_table(text: str) -> dict[str, dict[str, Any]]:
             entry[name] = int(value) if value.lstrip("-").isdigit() and name != "key" else value
         current["entries"].append(entry)
     return tables
+
+
+# Bits of srv_admin_state in `show servers state` (HAProxy's SRV_ADMF_*):
+# maintenance forced, inherited, from the configuration or from a failed
+# name resolution; drain forced or inherited.
+_ADMIN_MAINT = 0x01 | 0x02 | 0x04 | 0x20
+_ADMIN_DRAIN = 0x08 | 0x10
+
+
+def _parse_admin_states(text: str) -> dict[str, str]:
+    """Each server's administrative state in ``show servers state``, keyed
+    ``backend/server``: ``maint``, ``drain`` or ``ready`` (what ``set server
+    ... state`` sets; ``show stat`` shows a drained server that is down as DOWN)."""
+    states: dict[str, str] = {}
+    names: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("# "):
+            names = line[2:].split()
+            continue
+        fields = dict(zip(names, line.split(), strict=False))
+        if not fields.get("srv_admin_state", "").isdigit():
+            continue
+        bits = int(fields["srv_admin_state"])
+        state = "maint" if bits & _ADMIN_MAINT else "drain" if bits & _ADMIN_DRAIN else "ready"
+        states[f"{fields['be_name']}/{fields['srv_name']}"] = state
+    return states
 
 
 def _status_matches(status: str, wanted: str) -> bool:
@@ -356,12 +391,7 @@ def validate(
     if (path is None) == (contents is None):
         raise CommandExecutionError("validate needs exactly one of path and contents")
     if image is None and binary is None:
-        binary = _config("haproxy_runtime.binary")
-        image = None if binary else _config("haproxy_runtime.image")
-        if not binary and not image:
-            binary = shutil.which("haproxy")
-        if not binary and not image:
-            raise CommandExecutionError("validate: no HAProxy binary or image given, and no haproxy on the PATH")
+        binary, image = _configured_checker()
     tmpdir = None
     try:
         if contents is not None:
@@ -372,31 +402,56 @@ def validate(
         path = os.path.abspath(path)
         if not os.path.isfile(path):
             raise CommandExecutionError(f"validate: {path} is not a file")
-        env = dict(os.environ)
-        if image:
-            docker = shutil.which("docker")
-            if not docker:
-                raise CommandExecutionError("validate: the docker CLI is not on the PATH")
-            folder = os.path.dirname(path)
-            cmd = [docker, "run", "--rm", "--network", "none", "-v", f"{folder}:{folder}:ro"]
-            cmd += [image, "haproxy", "-c", "-f", path]
-            docker_host = docker_host or _config("docker.url")
-            if docker_host:
-                env["DOCKER_HOST"] = docker_host
-        else:
-            cmd = [binary, "-c", "-f", path]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise CommandExecutionError(f"validate: {' '.join(cmd)} failed: {exc}") from exc
-        messages = (proc.stdout + proc.stderr).strip()
-        # docker run exits 125-127 for its own failures (no image, no daemon): not a verdict on the config.
-        if image and proc.returncode in (125, 126, 127):
-            raise CommandExecutionError(f"validate: {' '.join(cmd)} exited {proc.returncode}: {messages}")
-        return {"valid": proc.returncode == 0, "messages": messages}
+        cmd, env = _check_command(path, image, binary, docker_host)
+        return _run_check(cmd, env, in_image=bool(image), timeout=timeout)
     finally:
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _configured_checker() -> tuple[str | None, str | None]:
+    """``(binary, image)`` that :py:func:`validate` uses when given neither:
+    the config keys, else a ``haproxy`` on the PATH."""
+    binary = _config("haproxy_runtime.binary")
+    image = None if binary else _config("haproxy_runtime.image")
+    if not binary and not image:
+        binary = shutil.which("haproxy")
+    if not binary and not image:
+        raise CommandExecutionError("validate: no HAProxy binary or image given, and no haproxy on the PATH")
+    return binary, image
+
+
+def _check_command(
+    path: str, image: str | None, binary: str | None, docker_host: str | None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``haproxy -c`` command line for ``path`` and its environment: in
+    the image (the file's folder mounted read-only, no network), else with the binary."""
+    env = dict(os.environ)
+    if not image:
+        return [str(binary), "-c", "-f", path], env
+    docker = shutil.which("docker")
+    if not docker:
+        raise CommandExecutionError("validate: the docker CLI is not on the PATH")
+    folder = os.path.dirname(path)
+    cmd = [docker, "run", "--rm", "--network", "none", "-v", f"{folder}:{folder}:ro"]
+    cmd += [image, "haproxy", "-c", "-f", path]
+    docker_host = docker_host or _config("docker.url")
+    if docker_host:
+        env["DOCKER_HOST"] = docker_host
+    return cmd, env
+
+
+def _run_check(cmd: list[str], env: dict[str, str], in_image: bool, timeout: float) -> dict[str, Any]:
+    """Run the check: ``{'valid', 'messages'}``; raises when it could not give a verdict."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CommandExecutionError(f"validate: {' '.join(cmd)} failed: {exc}") from exc
+    messages = (proc.stdout + proc.stderr).strip()
+    # docker run exits 125-127 for its own failures (no image, no daemon): not a verdict on the config.
+    if in_image and proc.returncode in (125, 126, 127):
+        raise CommandExecutionError(f"validate: {' '.join(cmd)} exited {proc.returncode}: {messages}")
+    return {"valid": proc.returncode == 0, "messages": messages}
 
 
 def check_cmd(image: str | None = None, binary: str | None = None, docker_host: str | None = None) -> str:
@@ -493,10 +548,7 @@ def servers(
     result: dict[str, dict[str, Any]] = {}
     if not all_workers:
         text = _worker_cmd("show stat", admin_socket, master_socket, expect="# pxname")
-        for row in _parse_stat(text):
-            if row.get("svname") in ("FRONTEND", "BACKEND") or (backend and row.get("pxname") != backend):
-                continue
-            server = _server_row(row)
+        for server in _server_rows(text, backend):
             result[f"{server['backend']}/{server['server']}"] = server
         return result
 
@@ -509,10 +561,7 @@ def servers(
         reply = _send(master, command)
         if reply.strip().startswith("Can't find the target"):
             continue  # an old worker that has just exited
-        for row in _parse_stat(_check(reply, master, command, expect="# pxname")):
-            if row.get("svname") in ("FRONTEND", "BACKEND") or (backend and row.get("pxname") != backend):
-                continue
-            server = _server_row(row)
+        for server in _server_rows(_check(reply, master, command, expect="# pxname"), backend):
             key = f"{server['backend']}/{server['server']}"
             count = server["scur"]
             if key not in result:
@@ -586,6 +635,41 @@ def _one(
     found = servers(backend, all_workers, admin_socket, master_socket).get(f"{backend}/{server}")
     if found is None:
         raise CommandExecutionError(f"HAProxy has no server {backend}/{server}")
+    return found
+
+
+def _all_workers(master_socket: str | None) -> bool:
+    """Whether sessions can be counted in every worker: the master socket is there."""
+    master = _master(master_socket)
+    return bool(master and os.path.exists(master))
+
+
+def server_state(
+    backend: str,
+    server: str,
+    admin_socket: str | None = None,
+    master_socket: str | None = None,
+) -> dict[str, Any] | None:
+    """
+    One server as it is now, or None when HAProxy does not have it.
+
+    The fields of :py:func:`servers` (``status``, ``addr``, ``scur`` summed
+    over every worker when the master socket is there, as :py:func:`drain`
+    counts them) and the administrative ``state``: ``ready``, ``drain`` or
+    ``maint``, what :py:func:`set_state` sets (``status`` shows a drained
+    server that is down as ``DOWN``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' haproxy_runtime.server_state mtproxy_replicas mtproxy_1
+    """
+    found = servers(backend, _all_workers(master_socket), admin_socket, master_socket).get(f"{backend}/{server}")
+    if found is None:
+        return None
+    text = _worker_cmd(f"show servers state {backend}", admin_socket, master_socket)
+    found["state"] = _parse_admin_states(text).get(f"{backend}/{server}", "ready")
     return found
 
 
@@ -754,43 +838,57 @@ def drain(
         salt '*' haproxy_runtime.drain mtproxy mtproxy_1 timeout=300
         salt '*' haproxy_runtime.drain mtproxy mtproxy_1 timeout=30 shutdown=True
     """
-    master = _master(master_socket)
-    use_all = bool(master and os.path.exists(master))
-
-    def outcome(left: int, waited: float, **extra: Any) -> dict[str, Any]:
-        return {
-            "server": f"{backend}/{server}",
-            "drained": left == 0,
-            "sessions_left": left,
-            "sessions_shut_down": 0,
-            "waited": round(waited, 3),
-            "all_workers": use_all,
-            **extra,
-        }
-
+    use_all = _all_workers(master_socket)
     if missing_ok and not _has_server(backend, server, admin_socket, master_socket):
-        return outcome(0, 0.0, missing=True)
+        return _drain_outcome(f"{backend}/{server}", 0, 0.0, use_all, missing=True)
     set_state(backend, server, "drain", admin_socket, master_socket)
 
     def sessions() -> dict[str, Any]:
         return _one(backend, server, use_all, admin_socket, master_socket)
 
-    def empty(now: dict[str, Any]) -> bool:
-        return now["scur"] == 0
-
-    now, _, waited = _poll(sessions, empty, timeout, interval)
-    result = outcome(now["scur"], waited)
+    now, _, waited = _poll(sessions, _no_sessions, timeout, interval)
+    result = _drain_outcome(f"{backend}/{server}", now["scur"], waited, use_all)
     if shutdown and now["scur"]:
-        if use_all:
-            for pid, count in now.get("scur_by_pid", {}).items():
-                if count:
-                    _shutdown_sessions(master, pid, backend, server)
-        else:
-            _worker_cmd(f"shutdown sessions server {backend}/{server}", admin_socket, master_socket)
+        _shut_down_what_is_left(now, backend, server, use_all, admin_socket, master_socket)
         result["sessions_shut_down"] = now["scur"]
         # Shut-down sessions leave the counters at once, or within a poll or two.
-        _, result["drained"], _ = _poll(sessions, empty, 2.0, 0.1)
+        _, result["drained"], _ = _poll(sessions, _no_sessions, 2.0, 0.1)
     return result
+
+
+def _no_sessions(now: dict[str, Any]) -> bool:
+    return now["scur"] == 0
+
+
+def _drain_outcome(target: str, left: int, waited: float, all_workers: bool, **extra: Any) -> dict[str, Any]:
+    """What :py:func:`drain` returns."""
+    return {
+        "server": target,
+        "drained": left == 0,
+        "sessions_left": left,
+        "sessions_shut_down": 0,
+        "waited": round(waited, 3),
+        "all_workers": all_workers,
+        **extra,
+    }
+
+
+def _shut_down_what_is_left(
+    now: dict[str, Any],
+    backend: str,
+    server: str,
+    all_workers: bool,
+    admin_socket: str | None,
+    master_socket: str | None,
+) -> None:
+    """End a drained server's remaining sessions: in each worker that has some, or in the current one."""
+    if not all_workers:
+        _worker_cmd(f"shutdown sessions server {backend}/{server}", admin_socket, master_socket)
+        return
+    master = _master(master_socket)
+    for pid, count in now.get("scur_by_pid", {}).items():
+        if count:
+            _shutdown_sessions(master, pid, backend, server)
 
 
 def _has_server(backend: str, server: str, admin_socket: str | None, master_socket: str | None) -> bool:
