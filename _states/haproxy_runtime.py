@@ -92,43 +92,63 @@ def config_loaded(
         ret["result"] = None if test else False
         ret["comment"] = f"HAProxy would reload once {name} is readable: {exc}" if test else str(exc)
         return ret
+    if now["loaded"] or test:
+        return _loaded_or_would_reload(ret, now)
+    refusal = _why_not_reload_now(now, timeout, binds or [])
+    if refusal:
+        ret["result"] = False
+        ret["comment"] = refusal
+        return ret
+    sockets = {"master_socket": master_socket, "admin_socket": admin_socket}
+    return _reload(ret, now, sockets, state_file=state_file, timeout=timeout, record=record)
+
+
+def _loaded_or_would_reload(ret: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """Nothing to do when HAProxy runs the file as it is; else (under test) the reload that would follow."""
     recorded = now["recorded"] or {}
     if now["loaded"]:
         ret["comment"] = (
-            f"HAProxy runs {name} as it is ({_short(now['sha256'])}, reload confirmed at {recorded.get('loaded_at')})"
+            f"HAProxy runs {ret['name']} as it is ({_short(now['sha256'])},"
+            f" reload confirmed at {recorded.get('loaded_at')})"
         )
         return ret
-    reason = now["reason"]
-    old = {"config": _short(recorded.get("sha256"))}
-    if test:
-        ret["result"] = None
-        ret["changes"] = {"old": old, "new": {"config": _short(now["sha256"])}}
-        ret["comment"] = f"HAProxy would reload gracefully: {reason}"
-        return ret
+    ret["result"] = None
+    ret["changes"] = {"old": {"config": _short(recorded.get("sha256"))}, "new": {"config": _short(now["sha256"])}}
+    ret["comment"] = f"HAProxy would reload gracefully: {now['reason']}"
+    return ret
+
+
+def _why_not_reload_now(now: dict[str, Any], timeout: float, binds: list[str]) -> str | None:
+    """Why a reload that is due cannot run now (no master, a listener held by
+    another process); None when it can."""
     if now["master"] is None:
-        ret["result"] = False
-        ret["comment"] = (
+        return (
             f"HAProxy does not answer on {now['master_socket']} after {timeout} s: it is not running"
             " or cannot start with this config (see its container's logs); the next apply tries again"
         )
-        return ret
     # A new worker that cannot bind pauses the running one's listeners while it retries: ask first.
-    taken = __salt__["haproxy_runtime.bind_conflicts"](binds or [])
+    taken = __salt__["haproxy_runtime.bind_conflicts"](binds)
     if taken:
-        ret["result"] = False
-        ret["comment"] = (
-            f"HAProxy must reload ({reason}), but another process holds {', '.join(taken)}: not reloaded;"
+        return (
+            f"HAProxy must reload ({now['reason']}), but another process holds {', '.join(taken)}: not reloaded;"
             " the old worker keeps serving the config it had, and the next apply tries again"
         )
-        return ret
+    return None
+
+
+def _reload(
+    ret: dict[str, Any],
+    now: dict[str, Any],
+    sockets: dict[str, str | None],
+    state_file: str | None,
+    timeout: float,
+    record: str | None,
+) -> dict[str, Any]:
+    """Reload gracefully and fill ``ret`` with the outcome: the old and the new worker, or HAProxy's messages."""
+    name, reason = ret["name"], now["reason"]
     try:
         done = __salt__["haproxy_runtime.reload"](
-            master_socket=master_socket,
-            admin_socket=admin_socket,
-            state_file=state_file,
-            timeout=timeout,
-            config_file=name,
-            record=record,
+            **sockets, state_file=state_file, timeout=timeout, config_file=name, record=record
         )
     except CommandExecutionError as exc:
         ret["result"] = False
@@ -138,7 +158,7 @@ def config_loaded(
         )
         return ret
     ret["changes"] = {
-        "old": {**old, "workers": done["old_pids"]},
+        "old": {"config": _short((now["recorded"] or {}).get("sha256")), "workers": done["old_pids"]},
         "new": {"config": _short(now["sha256"]), "worker": done["new_pid"]},
     }
     ret["comment"] = f"HAProxy reloaded gracefully ({reason}); worker {done['new_pid']} takes new connections"
