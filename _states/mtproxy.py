@@ -7,10 +7,6 @@ and is restarted by its restart policy again and again often looks
 connections on its port? When it does not, the comment names the container
 and shows its last log lines.
 
-``in_haproxy`` takes a replica back into HAProxy after its replacement: at
-its new address and port (at run time; the config file follows after the
-whole rollout), ready, UP.
-
 .. code-block:: yaml
 
     Replica mtproxy_1 accepts connections on port 4431:
@@ -24,14 +20,6 @@ from __future__ import annotations
 
 import socket
 import time
-
-try:
-    from salt.exceptions import CommandExecutionError
-except ImportError:  # imported without Salt
-
-    class CommandExecutionError(Exception):  # type: ignore[no-redef]
-        pass
-
 
 __virtualname__ = "mtproxy"
 
@@ -86,57 +74,4 @@ def serving(name, address, port, timeout=15):
         f"{name} does not accept connections on {address}:{port} after {timeout} s ({error}); "
         f"{_container_summary(name)}"
     )
-    return ret
-
-
-def _endpoint(address: str, port: int) -> str:
-    """``address:port`` as HAProxy's ``show stat`` writes a server's ``addr``."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-def in_haproxy(name, backend, address, port, timeout=60, admin_socket=None, master_socket=None):
-    """Server ``name`` of ``backend`` sends to ``address:port``, takes new clients and is UP after a check.
-
-    A replica that moved (port or address) is pointed at its new place at run
-    time; one left drained (by the drain before its replacement, or by a
-    rollout that stopped) is set ready. HAProxy that does not run, or does
-    not have the server yet, is not an error: it takes the server from its
-    configuration. Changes nothing when all is so already.
-    """
-    ret = {"name": name, "changes": {}, "result": True, "comment": ""}
-    sockets = {"admin_socket": admin_socket, "master_socket": master_socket}
-    try:
-        server = __salt__["haproxy_runtime.servers"](backend, **sockets).get(f"{backend}/{name}")
-    except CommandExecutionError as exc:
-        ret["comment"] = f"No HAProxy answers ({exc}); it takes {name} from its configuration when it starts"
-        return ret
-    if server is None:
-        ret["comment"] = f"HAProxy has no server {backend}/{name} yet; its configuration adds it"
-        return ret
-    wanted = _endpoint(address, port)
-    # Anything but UP needs taking back: DRAIN, MAINT, and DOWN, which is also
-    # what a drained server shows until its check passes (the container
-    # serves by now: the state before this one made sure).
-    drained = server["status"].upper().split(" ")[0] != "UP"
-    moved = server["addr"] != wanted
-    if not moved and not drained:
-        ret["comment"] = f"{backend}/{name} is at {wanted} and takes new clients ({server['status']})"
-        return ret
-    if moved:
-        ret["changes"]["addr"] = {"old": server["addr"], "new": wanted}
-    if drained:
-        ret["changes"]["status"] = {"old": server["status"], "new": "UP"}
-    if __opts__["test"]:
-        ret["result"] = None
-        ret["comment"] = f"{backend}/{name} would be " + (f"moved to {wanted} and " if moved else "") + "set ready"
-        return ret
-    try:
-        if moved:
-            __salt__["haproxy_runtime.set_address"](backend, name, address, port, **sockets)
-        __salt__["haproxy_runtime.ready"](backend, name, timeout=timeout, **sockets)
-    except CommandExecutionError as exc:
-        ret["result"] = False
-        ret["comment"] = f"{backend}/{name} is not back in HAProxy: {exc}"
-        return ret
-    ret["comment"] = f"{backend}/{name} is " + (f"at {wanted}, " if moved else "") + "ready and UP"
     return ret

@@ -47,7 +47,7 @@ HAProxy config is valid and in place:
     # a rollout that stops leaves HAProxy on the ports that still serve.
     - require:
 {%- for replica in mtproxy.replica_list %}
-      - mtproxy: Replica {{ replica.name }} is back in HAProxy
+      - haproxy_server: Replica {{ replica.name }} is back in HAProxy
 {%- endfor %}
 
 HAProxy container is running:
@@ -85,14 +85,12 @@ HAProxy container is running:
 # Before the reload drops it: no new clients, up to drain_timeout s for the
 # ones it has. The result says how many sessions were left at removal.
 Extra replica {{ name }} is drained:
-  module.run:
-    - haproxy_runtime.drain:
-      - backend: {{ haproxy.backend }}
-      - server: {{ name }}
-      - timeout: {{ mtproxy.drain_timeout }}
-      - master_socket: {{ haproxy.master_socket }}
-      - admin_socket: {{ haproxy.admin_socket }}
-      - missing_ok: true
+  haproxy_server.drained:
+    - name: {{ name }}
+    - backend: {{ haproxy.backend }}
+    - timeout: {{ mtproxy.drain_timeout }}
+    - master_socket: {{ haproxy.master_socket }}
+    - admin_socket: {{ haproxy.admin_socket }}
     - require:
       - docker_container: HAProxy container is running
     - require_in:

@@ -54,19 +54,17 @@ Replica {{ replica.name }} has its {{ file }}:
 # a time, never all capacity. A replica that does not come back stops the
 # rollout: the next ones keep running as they are.
 Replica {{ replica.name }} is drained before it is replaced:
-  module.run:
-    - haproxy_runtime.drain:
-      - backend: {{ mtproxy.haproxy.backend }}
-      - server: {{ replica.name }}
-      - timeout: {{ mtproxy.drain_timeout }}
-      - master_socket: {{ mtproxy.haproxy.master_socket }}
-      - admin_socket: {{ mtproxy.haproxy.admin_socket }}
-      - missing_ok: true
+  haproxy_server.drained:
+    - name: {{ replica.name }}
+    - backend: {{ mtproxy.haproxy.backend }}
+    - timeout: {{ mtproxy.drain_timeout }}
+    - master_socket: {{ mtproxy.haproxy.master_socket }}
+    - admin_socket: {{ mtproxy.haproxy.admin_socket }}
     - prereq:
       - docker_container: Replica {{ replica.name }} is running on port {{ replica.port }}
 {%- if not loop.first %}
     - require:
-      - mtproxy: Replica {{ loop.previtem.name }} is back in HAProxy
+      - haproxy_server: Replica {{ loop.previtem.name }} is back in HAProxy
 {%- endif %}
 
 Replica {{ replica.name }} is running on port {{ replica.port }}:
@@ -106,7 +104,7 @@ Replica {{ replica.name }} is running on port {{ replica.port }}:
 {%-   endif %}
 {%-   if not loop.first %}
       # The rollout stops at a replica that does not come back.
-      - mtproxy: Replica {{ loop.previtem.name }} is back in HAProxy
+      - haproxy_server: Replica {{ loop.previtem.name }} is back in HAProxy
 {%-   endif %}
 
 # A crash-looping container can look running at the instant Docker is asked.
@@ -121,7 +119,7 @@ Replica {{ replica.name }} accepts connections on port {{ replica.port }}:
 # At its new address and port (HAProxy's config gets them after the whole
 # rollout), ready, UP. Also after a drain that replaced nothing.
 Replica {{ replica.name }} is back in HAProxy:
-  mtproxy.in_haproxy:
+  haproxy_server.ready:
     - name: {{ replica.name }}
     - backend: {{ mtproxy.haproxy.backend }}
     - address: {{ mtproxy.backend_address }}
@@ -131,5 +129,5 @@ Replica {{ replica.name }} is back in HAProxy:
     - admin_socket: {{ mtproxy.haproxy.admin_socket }}
     - require:
       - mtproxy: Replica {{ replica.name }} accepts connections on port {{ replica.port }}
-      - module: Replica {{ replica.name }} is drained before it is replaced
+      - haproxy_server: Replica {{ replica.name }} is drained before it is replaced
 {%- endfor %}
