@@ -51,7 +51,7 @@ PLACEHOLDER_SECRETS = {
     "b3b34e89c9471207ad107a03b565e9a3",  # the original design's demo secret
 }
 BACKEND = "mtproxy_replicas"
-# The HAProxy config's frontend and its per-client-address table (files/default/haproxy.cfg.jinja).
+# The HAProxy config's frontend and its per-client-address table (mtproxy/files/default/haproxy.cfg.jinja).
 FRONTEND = "mtproxy"
 CLIENTS_TABLE = "mtproxy_clients"
 REPLICA_PREFIX = "mtproxy_"
