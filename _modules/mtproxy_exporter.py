@@ -53,8 +53,6 @@ from typing import Any
 
 __virtualname__ = "mtproxy_exporter"
 
-# What each flavor serves on 127.0.0.1, replica port + OFFICIAL_STATS_OFFSET.
-STATS_PATHS = {"mtprotoproxy": "/stats", "official": "/stats", "mtg": "/metrics"}
 FRONTEND = "mtproxy"
 SOURCE_TIMEOUT = 2.0
 # name -> (type, help)
@@ -114,7 +112,8 @@ def config(cell: dict) -> dict[str, Any]:
         salt '*' mtproxy_exporter.config "$(salt-call --out=json mtproxy.settings)"
     """
     exporter, haproxy = cell["exporter"], cell["haproxy"]
-    path = STATS_PATHS[cell["flavor"]]
+    # Where the flavor serves its stats on 127.0.0.1:stats_port (its record).
+    path = __salt__["mtproxy_flavor.record"](cell["flavor"])["stats_path"]
     tproxy = cell["client_ip"] == "tproxy"
     return {
         "bind": exporter["bind"],

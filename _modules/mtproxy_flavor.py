@@ -1,37 +1,47 @@
 """
-Replica container specs of an MTProxy cell, one per implementation ("flavor").
+The MTProxy implementations ("flavors") a cell can run, one record each
+(:data:`FLAVORS`), and the replica container specs made from them.
 
-``mtproxy/replicas.sls`` asks :py:func:`replica` how to run each replica:
-image, entry point, command, environment, the config file it reads (text
-rendered here) and how a config change reaches it. The settings come from
-``mtproxy.resolve``, which has already refused what a flavor cannot do.
+A record says everything the formula knows about a flavor: its image, where
+its config folder is mounted, the config file and the function that renders
+it, the entry point and command, how a config change reaches it, and the
+modes and settings it supports. Adding a flavor is adding a record (and its
+docs); nothing else names flavors.
 
 - ``mtprotoproxy``: a Python config file; re-read on SIGUSR2, so a config
   change never restarts the replica.
-- ``official`` (``telegrammessenger/proxy``): our wrapper (``run.sh``), which
-  takes the port from PORT like the original design's did. The secrets and
-  the ad tag are in the wrapper file itself (0600), never in the environment.
+- ``official`` (``telegrammessenger/proxy``): our wrapper
+  (``mtproxy/files/official/run-mtproto-proxy.sh``), which takes the port
+  from the replica's settings file like the original design's run.sh did.
+  The secrets and the ad tag are in that 0600 file, never in the
+  environment.
 - ``mtg`` (v2): a TOML file.
 
 The last two cannot reload: their config's digest is a container label, so a
 change replaces the container through the same drain as an image change.
 
+``mtproxy_schema.validate`` refuses what a flavor cannot do (:py:func:`check`)
+and ``mtproxy/replicas.sls`` asks :py:func:`replica` how to run each replica.
 Every flavor runs hardened like HAProxy (``container_options``): no
 capabilities but the few it needs, ``no-new-privileges``, pids, memory and
 open-files limits from ``mtproxy:replica_limits``, and a read-only root.
 
-CLI example (what replica 1 runs, secrets masked):
+CLI examples:
 
 .. code-block:: bash
 
-    salt '*' mtproxy_flavor.show 1
+    salt '*' mtproxy_flavor.show 1        # what replica 1 runs, secrets masked
+    salt '*' mtproxy_flavor.record mtg    # a flavor's record
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: dataclasses would then look this
+# module up in sys.modules, where Salt's loader puts it only after loading it.
+import dataclasses
 import hashlib
+import ipaddress
 import json
 import shlex
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -44,72 +54,22 @@ except ImportError:  # imported without Salt, e.g. by unit tests of pure logic
 
 __virtualname__ = "mtproxy_flavor"
 
-# Where the replica container sees its config folder (mounted read-only).
-MOUNTS = {"mtprotoproxy": "/etc/mtprotoproxy", "official": "/etc/mtproxy-formula", "mtg": "/etc/mtg"}
-CONFIG_NAMES = {"mtprotoproxy": "config.py", "official": "run.sh", "mtg": "mtg.toml"}
-
+HIDDEN = "<hidden>"
+# Client protocols, in the order the settings list them.
+MODES = ("classic", "secure", "tls")
 # replica_limits until the schema fills them in (pillar mtproxy:replica_limits).
 DEFAULT_LIMITS = {"pids": 512, "memory": 512 * 1024 * 1024, "nofile": 16384, "read_only": True}
 # Open files a replica keeps for itself (listening and stats sockets, epoll,
 # its files, connections to Telegram) on top of its client connections;
 # mtproto-proxy alone wants 16 more than its -c.
 RESERVED_FILES = 64
-# What each flavor needs beyond nothing: mtproto-proxy's `-u root` calls
-# setgroups(). mtprotoproxy and mtg need none (measured for mtprotoproxy).
-CAPABILITIES = {"mtprotoproxy": [], "official": ["SETGID"], "mtg": []}
-# The mtprotoproxy replicas' entry point (mtproxy/files), in their config folder.
-STATS_HOOK = "stats.py"
-STATS_HOOK_SOURCE = "salt://mtproxy/files/mtprotoproxy_stats.py"
-MTPROTOPROXY = "/usr/local/bin/mtprotoproxy"
-# Where the official wrapper keeps Telegram's proxy secret and DC list.
-OFFICIAL_DATA = "/data"
-
-OFFICIAL_WRAPPER = """\
-# Like the original design's run.sh it listens on $PORT, so several replicas
-# share the host network. WORKERS as in the image's own run.sh; STATS_PORT:
-# local stats; NAT_INFO (<local address>:<public address>): needed behind NAT.
-# SECRETS, TAG and MAX_CONNECTIONS are set above, in this 0600 file: never in
-# the environment (docker inspect shows that).
-set -eu
-data=/data
-mkdir -p "$data"
-# Telegram's proxy secret and data-centre list, fetched at each start as the
-# image's run.sh does; the last good copy is kept for when that fails.
-for item in getProxySecret:proxy-secret getProxyConfig:proxy-multi.conf; do
-    url="https://core.telegram.org/${item%%:*}" file="$data/${item#*:}"
-    if curl -fsS --max-time 20 "$url" -o "$file.new"; then
-        mv "$file.new" "$file"
-    elif [ ! -s "$file" ]; then
-        echo "cannot fetch $url and no earlier copy" >&2
-        exit 1
-    fi
-done
-# mtproto-proxy needs -c + 16 open files and, without CAP_SYS_RESOURCE, cannot
-# raise the container's limit: size -c from that limit.
-limit=$(ulimit -n)
-if [ "$limit" = unlimited ]; then limit=65600; fi
-connections=${MAX_CONNECTIONS:-0}
-if [ "$connections" -eq 0 ]; then connections=$((limit - RESERVED_FILES)); fi
-if [ "$connections" -lt 1 ] || [ $((connections + RESERVED_FILES)) -gt "$limit" ]; then
-    echo "max connections $connections need $((connections + RESERVED_FILES)) open files;" \\
-        "the container's limit is $limit (pillar mtproxy:replica_limits:nofile)" >&2
-    exit 1
-fi
-set -- -u root -p "$STATS_PORT" -H "$PORT" -M "${WORKERS:-1}" -C 60000 \\
-    -c "$connections" --aes-pwd "$data/proxy-secret" --allow-skip-dh
-# mtproto-proxy takes secrets only as -S arguments (no file, no environment
-# variable): they are on its command line, not on this wrapper's.
-for secret in $SECRETS; do
-    set -- "$@" -S "$secret"
-done
-if [ -n "$TAG" ]; then set -- "$@" -P "$TAG"; fi
-if [ -n "${NAT_INFO:-}" ]; then set -- "$@" --nat-info "$NAT_INFO"; fi
-exec /usr/local/bin/mtproto-proxy "$@" "$data/proxy-multi.conf"
-""".replace("RESERVED_FILES", str(RESERVED_FILES))
 
 
 def __virtual__():
     return __virtualname__
+
+
+# -- renderers: the config file of one replica (cell, replica) -> text ----------------
 
 
 def _mtprotoproxy_config(cell: dict, replica: dict) -> str:
@@ -145,49 +105,287 @@ def _mtprotoproxy_config(cell: dict, replica: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _official_config(cell: dict, replica: dict) -> str:
+    """The settings file the wrapper sources: it holds the secrets (0600)."""
+    lines = [
+        "# Managed by Salt (mtproxy-formula): settings of a telegrammessenger/proxy",
+        "# replica, read by run-mtproto-proxy.sh. Holds the secrets: 0600, mounted read-only.",
+        f"PORT={int(replica['port'])}",
+        "# Local stats (127.0.0.1), read by the cell exporter.",
+        f"STATS_PORT={int(replica['stats_port'])}",
+        f"SECRETS={shlex.quote(' '.join(cell['secrets']))}",
+        f"TAG={shlex.quote(cell['ad_tag'] or '')}",
+        "# Client connections (mtproto-proxy -c); 0: the container's open-files limit",
+        "# less RESERVED_FILES.",
+        f"MAX_CONNECTIONS={int(cell.get('max_connections') or 0)}",
+        f"RESERVED_FILES={RESERVED_FILES}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _mtg_config(cell: dict, replica: dict) -> str:
+    secret = "ee" + cell["secrets"][0] + cell["tls_domain"].encode().hex()
+    address = cell["backend_address"]
+    address = f"[{address}]" if ":" in address else address
+    lines = [
+        "# Managed by Salt (mtproxy-formula): mtg v2 config of one replica.",
+        f'secret = "{secret}"',
+        f'bind-to = "{address}:{replica["port"]}"',
+        "# The client address comes from HAProxy's PROXY protocol header.",
+        f"proxy-protocol-listener = {'true' if cell['client_ip'] == 'proxy_protocol' else 'false'}",
+        "# Beyond this, new clients are dropped: two open files each.",
+        f"concurrency = {max_connections(cell)}",
+        "",
+        "# Read by the cell exporter (mtproxy/exporter).",
+        "[stats.prometheus]",
+        "enabled = true",
+        f'bind-to = "127.0.0.1:{replica["stats_port"]}"',
+        'http-path = "/metrics"',
+        'metric-prefix = "mtg"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- the records -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Flavor:
+    """Everything the formula knows about one MTProxy implementation."""
+
+    image: str  # the default of mtproxy:image
+    mount: str  # where the container sees its config folder (read-only)
+    config_name: str  # the file in it that ``renderer`` writes (0600)
+    renderer: Callable[[dict, dict], str]  # (cell, replica) -> the config text
+    entry_point: str
+    # The container's arguments: {mount}, {config} (the config file in the
+    # container), {port} and {stats_port} are filled in.
+    command: str
+    reload_signal: str | None  # re-reads its config on it; None: a change replaces the container
+    modes: tuple[str, ...]  # client protocols it serves (tls: fake-TLS, needs tls_domain)
+    client_ip: tuple[str, ...]  # how it may learn the client address (mtproxy:client_ip)
+    max_secrets: int
+    # Optional settings it honours: ad_tag, handshake_timeout, ipv6 (an IPv6 backend_address).
+    supports: frozenset[str]
+    # Open files per client connection; None: it takes no connection limit
+    # (mtproxy:max_connections must be 0).
+    files_per_connection: int | None
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # more files: name -> salt:// source
+    capabilities: tuple[str, ...] = ()  # beyond none (cap_drop ALL)
+    data: str | None = None  # a writable folder that outlives the container
+    stats_path: str = "/stats"  # its local stats, http://127.0.0.1:{stats_port}{stats_path}
+
+
+FLAVORS: dict[str, Flavor] = {
+    # alexbers/mtprotoproxy, built locally (images/mtprotoproxy). Our entry
+    # point (mtproxy/files) runs it and serves its per-user counters on
+    # 127.0.0.1:stats_port for the cell exporter.
+    "mtprotoproxy": Flavor(
+        image="mtproxy-formula/mtprotoproxy:local",
+        mount="/etc/mtprotoproxy",
+        config_name="config.py",
+        renderer=_mtprotoproxy_config,
+        entry_point="python3",
+        command="{mount}/stats.py {stats_port} /usr/local/bin/mtprotoproxy {config}",
+        reload_signal="SIGUSR2",
+        modes=("classic", "secure", "tls"),
+        client_ip=("tproxy", "proxy_protocol"),
+        max_secrets=16,
+        supports=frozenset({"ad_tag", "handshake_timeout"}),
+        files_per_connection=None,
+        files={"stats.py": "salt://mtproxy/files/mtprotoproxy_stats.py"},
+    ),
+    # telegrammessenger/proxy: the original design's image (C, upstream
+    # frozen since 2019): no PROXY protocol, no fake-TLS. mtproto-proxy's
+    # `-u root` calls setgroups(); Telegram's files outlive the container in /data.
+    "official": Flavor(
+        image="telegrammessenger/proxy:latest",
+        mount="/etc/mtproxy-formula",
+        config_name="settings.sh",
+        renderer=_official_config,
+        entry_point="/bin/sh",
+        command="{mount}/run-mtproto-proxy.sh {config}",
+        reload_signal=None,
+        modes=("classic", "secure"),
+        client_ip=("tproxy",),
+        max_secrets=16,
+        supports=frozenset({"ad_tag"}),
+        files_per_connection=1,
+        files={"run-mtproto-proxy.sh": "salt://mtproxy/files/official/run-mtproto-proxy.sh"},
+        capabilities=("SETGID",),
+        data="/data",
+    ),
+    # 9seconds/mtg v2: fake-TLS only, one secret, no ad tag by design.
+    "mtg": Flavor(
+        image="nineseconds/mtg:2",
+        mount="/etc/mtg",
+        config_name="mtg.toml",
+        renderer=_mtg_config,
+        entry_point="/mtg",
+        command="run {config}",
+        reload_signal=None,
+        modes=("tls",),
+        client_ip=("tproxy", "proxy_protocol"),
+        max_secrets=1,
+        supports=frozenset({"ipv6"}),
+        files_per_connection=2,
+        stats_path="/metrics",
+    ),
+}
+
+
+def names() -> list[str]:
+    """
+    The flavors (pillar ``mtproxy:flavor``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy_flavor.names
+    """
+    return list(FLAVORS)
+
+
+def record(name: str) -> dict[str, Any]:
+    """
+    The record of flavor ``name``; the renderer by its function name.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy_flavor.record official
+    """
+    flavor = FLAVORS[name]
+    result = {field.name: getattr(flavor, field.name) for field in dataclasses.fields(flavor)}
+    result.update(renderer=flavor.renderer.__name__, supports=sorted(flavor.supports))
+    return result
+
+
+# -- what a flavor makes of the settings ---------------------------------------------
+
+
 def _limits(cell: dict) -> dict[str, Any]:
     return {**DEFAULT_LIMITS, **(cell.get("replica_limits") or {})}
 
 
-def _max_connections(cell: dict, files_each: int) -> int:
+def max_connections(cell: dict) -> int:
     """Client connections a replica may hold: ``mtproxy:max_connections``, or
-    what the container's open-files limit leaves when each takes ``files_each``
-    descriptors. A value the limit cannot carry is refused here, at render."""
-    nofile = _limits(cell)["nofile"]
-    wanted = int(cell.get("max_connections") or 0)
-    if not wanted:
-        return (nofile - RESERVED_FILES) // files_each
-    if wanted * files_each + RESERVED_FILES > nofile:
-        raise CommandExecutionError(
-            f"Pillar mtproxy:max_connections is {wanted}: a {cell['flavor']} replica needs"
-            f" {files_each} open file(s) per connection plus {RESERVED_FILES}, more than"
-            f" mtproxy:replica_limits:nofile ({nofile}); lower it, raise nofile, or use 0"
-            " (derived from nofile)"
+    what the container's open-files limit leaves (checked by :py:func:`check`)."""
+    files_each = FLAVORS[cell["flavor"]].files_per_connection or 1
+    return int(cell.get("max_connections") or 0) or (_limits(cell)["nofile"] - RESERVED_FILES) // files_each
+
+
+def _modes(settings: dict, flavor: Flavor) -> list[str]:
+    """The client protocols served: explicit, or padded plus fake-TLS when a domain is set."""
+    modes = settings["modes"]
+    if not modes:
+        wanted = [
+            mode for mode in ("secure", "tls") if mode in flavor.modes and (mode != "tls" or settings["tls_domain"])
+        ]
+        modes = wanted or list(flavor.modes)
+    return [mode for mode in MODES if mode in modes]
+
+
+def _refusals(settings: dict, name: str, flavor: Flavor) -> list[tuple[str, Any, str]]:
+    """Every setting the flavor cannot honour, as (key, value shown, what is allowed), first first."""
+    found = []
+    client_ip, modes, tls_domain = settings["client_ip"], settings["modes"], settings["tls_domain"]
+    if client_ip not in flavor.client_ip:
+        takers = [other for other, record in FLAVORS.items() if client_ip in record.client_ip]
+        found.append(
+            (
+                "client_ip",
+                client_ip,
+                f"flavor {name} does not accept the PROXY protocol; use tproxy, or flavor {' or '.join(takers)}",
+            )
         )
-    return wanted
+    if tls_domain and "tls" not in flavor.modes:
+        found.append(("tls_domain", tls_domain, f"flavor {name} has no fake-TLS; leave it empty"))
+    if any(mode not in flavor.modes for mode in modes):
+        found.append(("modes", modes, f"flavor {name} serves {', '.join(flavor.modes)}"))
+    if "tls" in _modes(settings, flavor) and not tls_domain:
+        found.append(("tls_domain", tls_domain, "mode tls (fake-TLS) needs a domain such as www.example.com"))
+    if settings["handshake_timeout"] and "handshake_timeout" not in flavor.supports:
+        found.append(("handshake_timeout", settings["handshake_timeout"], f"flavor {name} has no such setting; use 0"))
+    if settings["ad_tag"] and "ad_tag" not in flavor.supports:
+        found.append(("ad_tag", settings["ad_tag"], f"flavor {name} has no ad tag (promoted channel); leave it empty"))
+    extra = settings["extra_secrets"]
+    if extra and flavor.max_secrets == 1:
+        found.append(("extra_secrets", HIDDEN, f"flavor {name} serves one secret per instance; leave it empty"))
+    elif len(extra) + 1 > flavor.max_secrets:
+        found.append(
+            ("extra_secrets", f"<{len(extra)} secrets>", f"flavor {name} takes up to {flavor.max_secrets - 1} more")
+        )
+    found += _connection_refusals(settings, name, flavor)
+    found += _address_refusals(settings, name, flavor)
+    return found
 
 
-def _official_config(cell: dict) -> str:
-    """The wrapper, headed by its settings: the secrets live in this 0600 file."""
-    header = [
-        "#!/bin/sh",
-        "# Managed by Salt (mtproxy-formula): entry point of a telegrammessenger/proxy",
-        "# replica. This file holds the secrets: 0600, mounted read-only.",
-        f"SECRETS={shlex.quote(' '.join(cell['secrets']))}",
-        f"TAG={shlex.quote(cell['ad_tag'] or '')}",
-        "# Client connections (mtproto-proxy -c); 0: the container's open-files limit",
-        f"# less {RESERVED_FILES}.",
-        f"MAX_CONNECTIONS={int(cell.get('max_connections') or 0)}",
-    ]
-    return "\n".join(header) + "\n" + OFFICIAL_WRAPPER
+def _address_refusals(settings: dict, name: str, flavor: Flavor) -> list[tuple[str, Any, str]]:
+    """An IPv6 backend_address for a flavor that binds IPv4 only. (A wildcard or
+    multicast address is refused for every flavor, in mtproxy.resolve.)"""
+    text = settings["backend_address"]
+    address = ipaddress.ip_address(text) if text else None
+    if not address or address.version != 6 or address.is_unspecified or address.is_multicast:
+        return []
+    if "ipv6" in flavor.supports:
+        return []
+    return [("backend_address", text, f"flavor {name} listens on IPv4 only here; use an IPv4 address")]
 
 
-def _container_options(cell: dict, replica: dict) -> dict[str, Any]:
+def _connection_refusals(settings: dict, name: str, flavor: Flavor) -> list[tuple[str, Any, str]]:
+    """A max_connections the flavor has no limit for, or that the open-files limit cannot carry."""
+    wanted = int(settings.get("max_connections") or 0)
+    if not wanted:
+        return []
+    if flavor.files_per_connection is None:
+        takers = [other for other, record in FLAVORS.items() if record.files_per_connection]
+        return [("max_connections", wanted, f"{name} has no connection limit; use 0 ({' and '.join(takers)} take one)")]
+    nofile = _limits(settings)["nofile"]
+    if wanted * flavor.files_per_connection + RESERVED_FILES > nofile:
+        allowed = (
+            f"a {name} replica needs {flavor.files_per_connection} open file(s) per connection plus {RESERVED_FILES},"
+            f" more than mtproxy:replica_limits:nofile ({nofile}); lower it, raise nofile, or use 0 (derived from"
+            " nofile)"
+        )
+        return [("max_connections", wanted, allowed)]
+    return []
+
+
+def check(settings: dict) -> dict[str, Any]:
+    """
+    What flavor ``mtproxy:flavor`` makes of the validated settings
+    (``mtproxy_schema.validate`` calls it and raises the refusal, naming the
+    key): ``refused``, the first setting the flavor cannot honour as
+    ``[key, value, allowed]`` (None: none), and the ``image`` and ``modes``
+    it serves when the pillar leaves them empty.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy_flavor.check "$(salt-call --out=json mtproxy.settings)"
+    """
+    name = settings["flavor"]
+    flavor = FLAVORS[name]
+    refusals = _refusals(settings, name, flavor)
+    return {
+        "refused": list(refusals[0]) if refusals else None,
+        "image": settings["image"] or flavor.image,
+        "modes": _modes(settings, flavor),
+    }
+
+
+# -- the replica container -------------------------------------------------------------
+
+
+def _container_options(cell: dict, replica: dict, flavor: Flavor) -> dict[str, Any]:
     """Hardening and limits of a replica container (docker_container.running
     arguments): like HAProxy's, no capability beyond what the flavor needs."""
-    flavor = cell["flavor"]
     limits = _limits(cell)
-    capabilities = list(CAPABILITIES[flavor])
+    capabilities = list(flavor.capabilities)
     if replica["port"] < 1024:
         capabilities.append("NET_BIND_SERVICE")
     nofile = int(limits["nofile"])
@@ -205,94 +403,44 @@ def _container_options(cell: dict, replica: dict) -> dict[str, Any]:
     return options
 
 
-def _mtg_config(cell: dict, replica: dict) -> str:
-    secret = "ee" + cell["secrets"][0] + cell["tls_domain"].encode().hex()
-    address = cell["backend_address"]
-    address = f"[{address}]" if ":" in address else address
-    return (
-        "\n".join(
-            [
-                "# Managed by Salt (mtproxy-formula): mtg v2 config of one replica.",
-                f'secret = "{secret}"',
-                f'bind-to = "{address}:{replica["port"]}"',
-                "# The client address comes from HAProxy's PROXY protocol header.",
-                f"proxy-protocol-listener = {'true' if cell['client_ip'] == 'proxy_protocol' else 'false'}",
-                "# Beyond this, new clients are dropped: two open files each.",
-                f"concurrency = {_max_connections(cell, 2)}",
-                "",
-                "# Read by the cell exporter (mtproxy/exporter).",
-                "[stats.prometheus]",
-                "enabled = true",
-                f'bind-to = "127.0.0.1:{replica["stats_port"]}"',
-                'http-path = "/metrics"',
-                'metric-prefix = "mtg"',
-            ]
-        )
-        + "\n"
-    )
-
-
 def replica(cell: dict, replica: dict) -> dict[str, Any]:
     """
     How to run one replica of ``cell`` (the settings from ``mtproxy.settings``):
-    ``image``, ``entrypoint`` (None: the image's), ``command``,
-    ``environment``, ``binds``, ``labels``, ``config_file`` and its
-    ``config`` text, and ``reload_signal`` (None: a config change replaces
-    the container).
+    ``image``, ``entrypoint``, ``command``, ``environment``, ``binds``,
+    ``labels``, ``config_file`` and its ``config`` text, more ``files`` for
+    its config folder (name -> salt:// source), ``reload_signal`` (None: a
+    config change replaces the container) and ``container_options``.
 
     Called by mtproxy/replicas.sls; on the command line use :py:func:`show`.
     """
-    flavor = cell["flavor"]
-    mount = MOUNTS[flavor]
-    config_file = f"{mount}/{CONFIG_NAMES[flavor]}"
-    environment = dict(cell["replica_environment"])
-    entrypoint = None
-    reload_signal = None
-    binds = [f"{replica['config_dir']}:{mount}:ro"]
-    files: dict[str, str] = {}
-    if flavor == "mtprotoproxy":
-        if cell.get("max_connections"):
-            raise CommandExecutionError(
-                f"Pillar mtproxy:max_connections is {cell['max_connections']}: mtprotoproxy has no"
-                " connection limit; use 0 (official and mtg take one)"
-            )
-        config = _mtprotoproxy_config(cell, replica)
-        # Our entry point runs mtprotoproxy and serves its per-user counters
-        # on 127.0.0.1:stats_port for the cell exporter (mtproxy/exporter).
-        entrypoint = "python3"
-        command = f"{mount}/{STATS_HOOK} {replica['stats_port']} {MTPROTOPROXY} {config_file}"
-        files[STATS_HOOK] = STATS_HOOK_SOURCE
-        reload_signal = "SIGUSR2"
-    elif flavor == "official":
-        _max_connections(cell, 1)
-        config = _official_config(cell)
-        entrypoint = "/bin/sh"
-        command = config_file
-        environment = {"WORKERS": "1", **environment}
-        environment.update({"PORT": str(replica["port"]), "STATS_PORT": str(replica["stats_port"])})
-        # The root is read-only; Telegram's files outlive the container here.
-        binds.append(f"{replica['config_dir']}/data:{OFFICIAL_DATA}:rw")
-    else:
-        config = _mtg_config(cell, replica)
-        entrypoint = "/mtg"
-        command = f"run {config_file}"
-    labels = ["mtproxy-formula.role=replica", f"mtproxy-formula.flavor={flavor}"]
-    if reload_signal is None:
+    flavor = FLAVORS[cell["flavor"]]
+    config_dir = replica["config_dir"]
+    config = flavor.renderer(cell, replica)
+    binds = [f"{config_dir}:{flavor.mount}:ro"]
+    if flavor.data:
+        # The root is read-only; what the replica keeps outlives the container here.
+        binds.append(f"{config_dir}/data:{flavor.data}:rw")
+    labels = ["mtproxy-formula.role=replica", f"mtproxy-formula.flavor={cell['flavor']}"]
+    if flavor.reload_signal is None:
         labels.append("mtproxy-formula.config=" + hashlib.sha256(config.encode()).hexdigest()[:16])
+    command = flavor.command.format(
+        mount=flavor.mount,
+        config=f"{flavor.mount}/{flavor.config_name}",
+        port=replica["port"],
+        stats_port=replica["stats_port"],
+    )
     return {
-        "image": cell["image"],
-        "entrypoint": entrypoint,
+        "image": cell["image"] or flavor.image,
+        "entrypoint": flavor.entry_point,
         "command": command,
-        "environment": environment,
+        "environment": dict(cell["replica_environment"]),
         "binds": binds,
         "labels": labels,
-        "config_file": f"{replica['config_dir']}/{CONFIG_NAMES[flavor]}",
+        "config_file": f"{config_dir}/{flavor.config_name}",
         "config": config,
-        # More files for its config folder (name -> salt:// source).
-        "files": files,
-        "reload_signal": reload_signal,
-        # More docker_container.running arguments (hardening, limits).
-        "container_options": _container_options(cell, replica),
+        "files": dict(flavor.files),
+        "reload_signal": flavor.reload_signal,
+        "container_options": _container_options(cell, replica, flavor),
     }
 
 
@@ -312,5 +460,4 @@ def show(index: int = 1) -> dict[str, Any]:
     if int(index) not in replicas:
         raise CommandExecutionError(f"no replica {index}: the cell has {len(replicas)}")
     spec = replica(cell, replicas[int(index)])
-    masked = json.loads(__salt__["mtproxy.mask"](json.dumps(spec), cell["secrets"]))
-    return masked
+    return json.loads(__salt__["mtproxy.mask"](json.dumps(spec), cell["secrets"]))

@@ -6,10 +6,13 @@ type and constraint, in one table (:data:`SCHEMA`).
 :py:func:`validate` first, so a bad value fails the render, naming the key,
 the value (secrets as ``<hidden>``) and what is allowed, before anything on
 the host changes. Values come out typed and normalised: integers as ints,
-durations with their HAProxy unit, sizes in bytes, secrets in lower case.
+durations with their HAProxy unit, sizes in bytes, secrets in lower case;
+an empty ``image`` or ``modes`` as the flavor's defaults.
 
-Pure logic: no Salt, no host access (the host-dependent checks, such as the
-ephemeral port range, are in ``mtproxy.resolve``).
+Pure logic: no host access (the host-dependent checks, such as the
+ephemeral port range, are in ``mtproxy.resolve``). What each flavor supports
+comes from its record, through ``mtproxy_flavor.names`` and
+``mtproxy_flavor.check``.
 
 CLI example:
 
@@ -210,6 +213,18 @@ def Choice(*options: str) -> Spec:
         return value
 
     return Spec(check, " | ".join(options))
+
+
+def FlavorName() -> Spec:
+    """A flavor with a record in ``mtproxy_flavor`` (its FLAVORS: the one place flavors are named)."""
+
+    def check(key: str, value: Any) -> str:
+        names = __salt__["mtproxy_flavor.names"]()
+        if value not in names:
+            fail(key, value, "use one of " + ", ".join(names))
+        return value
+
+    return Spec(check, "a flavor (salt-call mtproxy_flavor.names)")
 
 
 def Text(
@@ -484,7 +499,7 @@ SCHEMA: dict[str, Spec] = {
     "max_replicas": Int(1, 1000),
     "drain_timeout": Int(0, 86400),
     "base_port": Int(1, 65535),
-    "flavor": Choice("mtprotoproxy", "official", "mtg"),
+    "flavor": FlavorName(),
     "client_ip": Choice("tproxy", "proxy_protocol"),
     "secret": Secret(empty=True),
     "secret_file": Path(),
@@ -758,8 +773,8 @@ def validate(settings: dict) -> dict:
     Fails with an error that names the key (``mtproxy:...``), the value
     (secrets as ``<hidden>``) and what is allowed: for an unknown key (with
     the closest known one), a missing key, a control character anywhere, a
-    value of the wrong type or out of its range, and for combinations of
-    keys that cannot work together.
+    value of the wrong type or out of its range, for combinations of keys
+    that cannot work together, and for what the flavor cannot do.
 
     CLI Example:
 
@@ -778,4 +793,14 @@ def validate(settings: dict) -> dict:
         except KeyError:
             fail(key, None, f"the key is missing; the formula's defaults.yaml declares {SCHEMA[key].kind}")
     _cross_checks(result)
+    _flavor_checks(result)
     return result
+
+
+def _flavor_checks(settings: dict) -> None:
+    """What the flavor cannot honour (its record in ``mtproxy_flavor``), and the
+    image and modes it serves when the pillar leaves them empty."""
+    found = __salt__["mtproxy_flavor.check"](settings)
+    if found["refused"]:
+        fail(*found["refused"])
+    settings.update(image=found["image"], modes=found["modes"])

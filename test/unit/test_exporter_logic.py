@@ -11,11 +11,13 @@ import importlib.util
 import json
 
 import pytest
-from test_settings import REPO, SECRET, loader_stubs, mtproxy, settings  # noqa: F401 (fixture)
+from test_settings import REPO, SECRET, flavors, loader_stubs, mtproxy, settings  # noqa: F401 (fixture)
 
 _spec = importlib.util.spec_from_file_location("mtproxy_exporter_under_test", REPO / "_modules" / "mtproxy_exporter.py")
 exporter = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(exporter)
+# Each flavor's stats path is in its record.
+exporter.__salt__ = {"mtproxy_flavor.record": flavors.record}
 
 SECOND = "9e2b4d6f8a0c1e3b5d7f9a1c3e5b7d9f"
 

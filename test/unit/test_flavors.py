@@ -7,7 +7,7 @@ test/integration/test_proxy_protocol.py, with real containers."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import subprocess
 import tomllib
@@ -16,12 +16,9 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from test_settings import SECRET, loader_stubs, mtproxy, settings  # noqa: F401 (autouse fixture)
+from test_settings import SECRET, flavors, loader_stubs, mtproxy, settings  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("mtproxy_flavor_under_test", REPO / "_modules" / "mtproxy_flavor.py")
-flavors = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(flavors)
 
 SECOND = "8e1f5f0c2b7e9a1d4c3b6f0a2d4c6b8e"
 AD_TAG = "3c09c680b76ee91a4c25ad51f742267d"
@@ -139,24 +136,37 @@ def test_a_flavor_that_cannot_reload_is_replaced_when_its_config_changes():
     assert digest[0] not in changed["labels"]
 
 
-def test_official_runs_the_wrapper_with_its_environment():
+def test_official_runs_the_wrapper_with_its_settings_file():
     resolved = cell(flavor="official", extra_secrets=[SECOND], ad_tag=AD_TAG, replica_environment={"WORKERS": 4})
     assert resolved["modes"] == ["secure"]
     spec = replica_spec(resolved, 1)
     assert spec["image"] == "telegrammessenger/proxy:latest"
-    assert spec["entrypoint"] == "/bin/sh" and spec["command"] == "/etc/mtproxy-formula/run.sh"
-    # No secret and no tag in the environment: docker inspect and the state's changes show it.
-    assert spec["environment"] == {"WORKERS": "4", "PORT": "4432", "STATS_PORT": "14432"}
+    assert spec["entrypoint"] == "/bin/sh"
+    assert spec["command"] == "/etc/mtproxy-formula/run-mtproto-proxy.sh /etc/mtproxy-formula/settings.sh"
+    # The wrapper is a file of the formula, delivered beside the settings file.
+    assert spec["files"] == {"run-mtproto-proxy.sh": "salt://mtproxy/files/official/run-mtproto-proxy.sh"}
+    # No secret, no tag and no port in the environment: only the pillar's.
+    assert spec["environment"] == {"WORKERS": "4"}
     replica_dir = f"{resolved['config_dir']}/replicas/mtproxy_2"
+    assert spec["config_file"] == f"{replica_dir}/settings.sh"
     assert spec["binds"] == [f"{replica_dir}:/etc/mtproxy-formula:ro", f"{replica_dir}/data:/data:rw"]
     assert any(label.startswith("mtproxy-formula.config=") for label in spec["labels"])
     assert "source 0.0.0.0 usesrc clientip" in haproxy_backend(resolved)
 
 
+def salt_file(source: str) -> Path:
+    """The file of the formula a salt:// source names (file_roots is the repository)."""
+    path = REPO / source.removeprefix("salt://")
+    assert path.is_file(), source
+    return path
+
+
 def run_wrapper(tmp_path, spec: dict, nofile: int) -> subprocess.CompletedProcess:
-    """The rendered wrapper, run by sh under ``ulimit -n nofile``, with curl and
-    mtproto-proxy replaced by stubs; the mtproto-proxy stub records its argv
-    (in ``args``) and the wrapper's own (``wrapper-argv``, from /proc)."""
+    """The replica's entry point as the container would run it: the formula's
+    wrapper file (the spec's ``files``) with the rendered settings file,
+    under ``ulimit -n nofile``. Its data folder is moved to tmp_path, and curl
+    and mtproto-proxy are stubs; the mtproto-proxy stub records its argv (in
+    ``args``) and the wrapper's own (``args.parent``, from /proc)."""
     (tmp_path / "bin").mkdir(exist_ok=True)
     (tmp_path / "bin" / "curl").write_text('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\necho data > "$2"\n')
     (tmp_path / "bin" / "mtproto-proxy").write_text(
@@ -164,11 +174,17 @@ def run_wrapper(tmp_path, spec: dict, nofile: int) -> subprocess.CompletedProces
     )
     for stub in (tmp_path / "bin").iterdir():
         stub.chmod(0o755)
-    wrapper = spec["config"].replace("data=/data", f"data={tmp_path}/data")
-    wrapper = wrapper.replace("exec /usr/local/bin/mtproto-proxy", f"{tmp_path}/bin/mtproto-proxy")
-    (tmp_path / "run.sh").write_text(wrapper)
+    mount = flavors.FLAVORS["official"].mount
+    for name, source in spec["files"].items():
+        text = salt_file(source).read_text()
+        text = text.replace("data=/data", f"data={tmp_path}/data")
+        # Not exec: the stub reads the wrapper's command line as its parent's.
+        text = text.replace("exec /usr/local/bin/mtproto-proxy", f"{tmp_path}/bin/mtproto-proxy")
+        (tmp_path / name).write_text(text)
+    (tmp_path / Path(spec["config_file"]).name).write_text(spec["config"])
+    entry_point, *args = spec["command"].replace(mount, str(tmp_path)).split()
     return subprocess.run(
-        ["sh", "-c", f'ulimit -n {nofile} && exec sh "$0"', str(tmp_path / "run.sh")],
+        ["sh", "-c", f'ulimit -n {nofile} && exec {spec["entrypoint"]} "$@"', "sh", entry_point, *args],
         env={**spec["environment"], "PATH": f"{tmp_path}/bin:/usr/bin:/bin", "ARGS": str(tmp_path / "args")},
         capture_output=True,
         text=True,
@@ -186,9 +202,11 @@ def test_official_wrapper_passes_port_secrets_and_tag_to_mtproto_proxy(tmp_path)
     assert args[args.index("-P") + 1] == AD_TAG and args[args.index("-M") + 1] == "1"
     assert args[-1] == f"{tmp_path}/data/proxy-multi.conf"
     assert os.path.getsize(tmp_path / "data" / "proxy-secret") > 0
-    # The wrapper's own command line (what ps shows for it) names its file only.
+    # The wrapper's own command line (what ps shows for it) names its files only.
     wrapper_argv = (tmp_path / "args.parent").read_text()
-    assert wrapper_argv.split() == ["sh", str(tmp_path / "run.sh")]
+    assert wrapper_argv.split() == ["/bin/sh", str(tmp_path / "run-mtproto-proxy.sh"), str(tmp_path / "settings.sh")]
+    # No secret in the environment it was given either.
+    assert SECRET not in json.dumps(spec["environment"]) and AD_TAG not in json.dumps(spec["environment"])
 
 
 @pytest.mark.parametrize(("nofile", "connections"), [(1024, 960), (16384, 16320), (20000, 19936)])
@@ -225,9 +243,8 @@ def test_official_wrapper_takes_max_connections_from_the_pillar(tmp_path):
     ids=["official-above-nofile", "mtg-above-nofile", "mtprotoproxy-has-none"],
 )
 def test_a_max_connections_the_limit_cannot_carry_is_refused(changes, message):
-    resolved = cell(**changes)
-    with pytest.raises(flavors.CommandExecutionError, match="Pillar mtproxy:max_connections is") as error:
-        replica_spec(resolved)
+    with pytest.raises(mtproxy.SettingsError, match="Pillar mtproxy:max_connections is") as error:
+        cell(**changes)
     assert message in str(error.value)
 
 

@@ -78,6 +78,7 @@ def test_values_come_out_typed_and_normalised():
         haproxy__timeout_client="01h",
         replica_limits__memory="1g",
         replica_environment={"WORKERS": 2},
+        flavor="mtg",  # the flavor that listens on IPv6
         backend_address="2001:db8:0:0::1",
         tls_domain="WWW.Example.com",
     )

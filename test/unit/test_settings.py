@@ -26,6 +26,11 @@ schema = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(schema)
 # Salt's loader gives both modules salt.exceptions; here they share the error class.
 schema.SettingsError = mtproxy.SettingsError
+_spec = importlib.util.spec_from_file_location("mtproxy_flavor_under_test", REPO / "_modules" / "mtproxy_flavor.py")
+flavors = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(flavors)
+# The schema asks the flavor records what each flavor supports.
+schema.__salt__ = {"mtproxy_flavor.names": flavors.names, "mtproxy_flavor.check": flavors.check}
 
 DEFAULTS = yaml.safe_load((REPO / "mtproxy" / "parameters" / "defaults.yaml").read_text())["mtproxy"]
 SECRET = "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"
