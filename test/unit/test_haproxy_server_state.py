@@ -6,24 +6,11 @@ tells a drained server from a ready one."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from salt.exceptions import CommandExecutionError
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from test_haproxy_runtime_state import REPO, hr, load
 
 hs = load("haproxy_server_state_under_test", REPO / "_states" / "haproxy_server.py")
-hr = load("haproxy_runtime_admin_under_test", REPO / "_modules" / "haproxy_runtime.py")
 
 BACKEND = "mtproxy_replicas"
 
