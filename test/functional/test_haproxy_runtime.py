@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -23,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from modules import execution_module
 from salt.exceptions import CommandExecutionError
 from testhost import REPO
 
 pytestmark = pytest.mark.integration
 
-MODULE_PATH = REPO / "_modules" / "haproxy_runtime.py"
 LOADGEN = REPO / "test" / "loadgen.py"
 HAPROXY_IMAGE = "mtproxy-formula/haproxy:local"
 BACKEND_IMAGE = "mtproxy-formula/mtprotoproxy:local"
@@ -37,9 +36,7 @@ FRONTEND_PORT_26 = 8444
 BACKENDS = {"s1": 4431, "s2": 4432}
 HAPROXY_26 = "/usr/sbin/haproxy"
 
-spec = importlib.util.spec_from_file_location("haproxy_runtime", MODULE_PATH)
-hr = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(hr)
+hr = execution_module("haproxy_runtime")
 
 # Greets with its name, then echoes: the client sees which server it reached.
 BACKEND = """\
@@ -501,7 +498,7 @@ def test_validate_as_check_cmd(testhost, tmp_path):
     good_file.write_text(good)
     bad_file.write_text(good + "    bogus_directive 1\n")
     # As file.managed runs it: "<check_cmd> <tmpfile>" in a shell; also with a Python that has no Salt.
-    plain = f"/usr/bin/python3 {MODULE_PATH} --image {HAPROXY_IMAGE} --docker-host {testhost.docker_host}"
+    plain = f"/usr/bin/python3 {hr.__file__} --image {HAPROXY_IMAGE} --docker-host {testhost.docker_host}"
     env = {"PATH": os.environ["PATH"]}
     for command in (cmd, plain):
         ok = subprocess.run(f"{command} {good_file}", shell=True, capture_output=True, text=True, env=env, timeout=120)

@@ -6,19 +6,21 @@ salt-ssh target."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from modules import execution_module, state_module
 
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bootstrap_under_test", REPO / "_modules" / "mtproxy_bootstrap.py")
-bootstrap = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bootstrap)
-_spec = importlib.util.spec_from_file_location("mtproxy_bootstrap_state", REPO / "_states" / "mtproxy_bootstrap.py")
-state = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(state)
+bootstrap = execution_module("mtproxy_bootstrap")
+state = state_module("mtproxy_bootstrap")
+
+
+@pytest.fixture
+def configure_loader_modules():
+    """Salt's loader dunders, fresh for each test (pytest-salt-factories)."""
+    return {bootstrap: {"__salt__": {}}}
+
 
 PKGS = ["docker", "pyroute2>=0.9", "saltext.dockermod"]
 
@@ -113,7 +115,7 @@ def test_missing_requirements_by_name_and_version():
     ]
 
 
-def test_resolve_refuses_before_resolving_and_fills_the_boot_python(python, monkeypatch):
+def test_resolve_refuses_before_resolving_and_fills_the_boot_python(python):
     venv = python("system")
     calls = []
     salt = {
@@ -121,7 +123,7 @@ def test_resolve_refuses_before_resolving_and_fills_the_boot_python(python, monk
         "mtproxy.resolve": lambda s, generate_secret: calls.append(("resolve", generate_secret))
         or {"boot": {"python": ""}},
     }
-    monkeypatch.setattr(bootstrap, "__salt__", salt, raising=False)
+    bootstrap.__salt__.update(salt)
     settings = {"python_packages": {**bootstrap.DEFAULTS, "venv": str(venv)}}
     with pytest.raises(bootstrap.NotBootstrapped):
         bootstrap.resolve(settings)

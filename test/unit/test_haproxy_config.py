@@ -6,12 +6,10 @@ their stick tables. The integration tests run these configs in a real HAProxy
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
+from modules import execution_module
 from test_flavors import TEMPLATES, cell
 from test_settings import (
-    REPO,
     loader_stubs,  # noqa: F401 (autouse fixture)
     mtproxy,
 )
@@ -172,9 +170,7 @@ def test_an_ipv6_frontend_tracks_ipv6_addresses():
 
 def test_show_table_as_haproxy_30_prints_it_for_the_guards_tables():
     """Output of HAProxy 3.0 with max_connections 2 after 4 connections from one address."""
-    spec = importlib.util.spec_from_file_location("hr_guards", REPO / "_modules" / "haproxy_runtime.py")
-    runtime = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runtime)
+    runtime = execution_module("haproxy_runtime")
     listing = (
         "# table: mtproxy_clients, type: ip, size:100000, used:1\n"
         "# table: mtproxy_replicas, type: binary, size:100000, used:2\n\n"

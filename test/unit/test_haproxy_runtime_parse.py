@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import threading
-from pathlib import Path
 
 import pytest
+from modules import execution_module
 
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "haproxy_runtime_parse_under_test", REPO / "_modules" / "haproxy_runtime.py"
-)
-hr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(hr)
+hr = execution_module("haproxy_runtime")
 
 PROC_30_AFTER_RELOAD = """\
 #<PID>          <type>          <reloads>       <uptime>        <version>

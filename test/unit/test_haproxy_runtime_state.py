@@ -9,7 +9,6 @@ are built from a real listening socket in this process."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,20 +16,11 @@ import socket
 from pathlib import Path
 
 import pytest
+from modules import execution_module, state_module
 from salt.exceptions import CommandExecutionError
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hr = load("haproxy_runtime_record_under_test", REPO / "_modules" / "haproxy_runtime.py")
-state = load("haproxy_runtime_state_under_test", REPO / "_states" / "haproxy_runtime.py")
+hr = execution_module("haproxy_runtime")
+state = state_module("haproxy_runtime")
 
 DIGEST_A, DIGEST_B = "a" * 64, "b" * 64
 MASTER = {"boot_id": "boot", "pid": 4242, "start": 1000}
@@ -163,13 +153,21 @@ class Minion:
         }
 
 
+@pytest.fixture
+def configure_loader_modules():
+    """Salt's loader dunders of the state, fresh for each test (pytest-salt-factories)."""
+    return {state: {"__salt__": {}, "__opts__": {"test": False}}}
+
+
 def run(minion: Minion, test: bool = False, fun: str = "config_loaded", **kwargs) -> dict:
-    state.__salt__ = {
-        "haproxy_runtime.loaded": minion.loaded,
-        "haproxy_runtime.reload": minion.reload,
-        "haproxy_runtime.bind_conflicts": minion.bind_conflicts,
-    }
-    state.__opts__ = {"test": test}
+    state.__salt__.update(
+        {
+            "haproxy_runtime.loaded": minion.loaded,
+            "haproxy_runtime.reload": minion.reload,
+            "haproxy_runtime.bind_conflicts": minion.bind_conflicts,
+        }
+    )
+    state.__opts__["test"] = test
     return getattr(state, fun)("/etc/h/haproxy.cfg", timeout=30, state_file="/run/h/server-state", **kwargs)
 
 

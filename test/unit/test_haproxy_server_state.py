@@ -7,10 +7,11 @@ tells a drained server from a ready one."""
 from __future__ import annotations
 
 import pytest
+from modules import execution_module, state_module
 from salt.exceptions import CommandExecutionError
-from test_haproxy_runtime_state import REPO, hr, load
 
-hs = load("haproxy_server_state_under_test", REPO / "_states" / "haproxy_server.py")
+hs = state_module("haproxy_server")
+hr = execution_module("haproxy_runtime")
 
 BACKEND = "mtproxy_replicas"
 
@@ -77,11 +78,16 @@ def server(state: str = "ready", status: str = "UP", scur: int = 0, addr: str = 
     return {"state": state, "status": status, "scur": scur, "addr": addr, **extra}
 
 
+@pytest.fixture
+def configure_loader_modules():
+    """Salt's loader dunders of the state, fresh for each test (pytest-salt-factories)."""
+    return {hs: {"__salt__": {}, "__opts__": {"test": False}}}
+
+
 def run(haproxy: HAProxy, fun: str, test: bool = False, **kwargs) -> dict:
-    hs.__salt__ = {
-        f"haproxy_runtime.{name}": getattr(haproxy, name) for name in ("server_state", "drain", "set_address", "ready")
-    }
-    hs.__opts__ = {"test": test}
+    for name in ("server_state", "drain", "set_address", "ready"):
+        hs.__salt__[f"haproxy_runtime.{name}"] = getattr(haproxy, name)
+    hs.__opts__["test"] = test
     if fun == "ready":
         kwargs = {"address": "192.0.2.10", "port": 4431, **kwargs}
     return getattr(hs, fun)("mtproxy_1", backend=BACKEND, timeout=5, **kwargs)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from modules import execution_module
 from salt.exceptions import SaltInvocationError
 
-_PATH = Path(__file__).resolve().parents[2] / "_modules" / "tproxy.py"
-_spec = importlib.util.spec_from_file_location("tproxy_module_under_test", _PATH)
-tproxy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tproxy)
+tproxy = execution_module("tproxy")
 
 Route, Rule, Mangle = tproxy.Route, tproxy.Rule, tproxy.Mangle
 

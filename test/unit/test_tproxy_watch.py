@@ -3,17 +3,13 @@ repairs, what it logs and what its status file says."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
-from pathlib import Path
 
 import pytest
+from modules import execution_module
 
-_PATH = Path(__file__).resolve().parents[2] / "_modules" / "tproxy.py"
-_spec = importlib.util.spec_from_file_location("tproxy_watch_under_test", _PATH)
-tproxy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tproxy)
+tproxy = execution_module("tproxy")
 
 CONFIG = {"name": "mtproxy", "ports": [4431, 4432], "method": "sport"}
 RULE = "ip rule pref 100 ipproto tcp sport 4431-4432 lookup 100 proto 201"
