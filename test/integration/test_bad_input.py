@@ -201,7 +201,7 @@ def test_the_cell_still_serves(cell):
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_flavors import TEMPLATES, flavors, python_config  # noqa: E402
-from test_settings import DEFAULTS, mtproxy, settings  # noqa: E402
+from test_settings import DEFAULTS, configure_loader_modules, mtproxy, settings  # noqa: E402, F401 (loader mocks)
 
 WORD = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,12}", fullmatch=True)
 PASSWORD = st.from_regex(r"[!$-&(-\[\]-~]{12,24}", fullmatch=True)  # printable, no space # " ' \
@@ -238,19 +238,7 @@ def test_every_accepted_pillar_renders_configs_that_parse(testhost, monkeypatch)
     that runs, a TOML file that parses. (haproxy:health_check:options is a raw
     string passed to HAProxy: the apply's own `haproxy -c` guards it.)"""
     host = testhost
-    monkeypatch.setattr(
-        mtproxy,
-        "__salt__",
-        {
-            "network.default_route": lambda family: [{"interface": "eth0"}],
-            "network.interface_ip": lambda iface: "203.0.113.10",
-            "config.option": lambda key, default=None: default,
-            "mtproxy_schema.validate": sys.modules["test_settings"].schema.validate,
-        },
-        raising=False,
-    )
-    monkeypatch.setattr(mtproxy, "__opts__", {"test": True}, raising=False)
-    monkeypatch.setattr(mtproxy, "__grains__", {}, raising=False)
+    monkeypatch.setitem(mtproxy.__opts__, "test", True)  # no secret file kept
     folder = host.workdir / "rendered-configs"
     folder.mkdir(exist_ok=True)
     accepted = []

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 
 import pytest
-from test_settings import REPO, SECRET, flavors, loader_stubs, mtproxy, settings  # noqa: F401 (fixture)
+from modules import execution_module
+from test_settings import SECRET, flavors, loader_modules, loader_stubs, mtproxy, settings  # noqa: F401 (fixture)
 
-_spec = importlib.util.spec_from_file_location("mtproxy_exporter_under_test", REPO / "_modules" / "mtproxy_exporter.py")
-exporter = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(exporter)
-# Each flavor's stats path is in its record.
-exporter.__salt__ = {"mtproxy_flavor.record": flavors.record}
+exporter = execution_module("mtproxy_exporter")
+
+
+@pytest.fixture
+def configure_loader_modules():
+    """The settings modules' loader mocks, and the exporter's: each flavor's stats path is in its record."""
+    return {**loader_modules(), exporter: {"__salt__": {"mtproxy_flavor.record": flavors.record}}}
+
 
 SECOND = "9e2b4d6f8a0c1e3b5d7f9a1c3e5b7d9f"
 

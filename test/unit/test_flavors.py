@@ -16,7 +16,14 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from test_settings import SECRET, flavors, loader_stubs, mtproxy, settings  # noqa: F401 (autouse fixture)
+from test_settings import (  # noqa: F401 (loader mocks, autouse fixture)
+    SECRET,
+    configure_loader_modules,
+    flavors,
+    loader_stubs,
+    mtproxy,
+    settings,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

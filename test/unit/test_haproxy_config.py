@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 from modules import execution_module
 from test_flavors import TEMPLATES, cell
-from test_settings import (
-    loader_stubs,  # noqa: F401 (autouse fixture)
+from test_settings import (  # noqa: F401 (loader mocks, autouse fixture)
+    configure_loader_modules,
+    loader_stubs,
     mtproxy,
 )
 

@@ -5,7 +5,13 @@ containers under load, is test/integration/test_safe_change.py."""
 from __future__ import annotations
 
 import pytest
-from test_settings import SECRET, loader_stubs, mtproxy, settings  # noqa: F401 (autouse fixture)
+from test_settings import (  # noqa: F401 (loader mocks, autouse fixture)
+    SECRET,
+    configure_loader_modules,
+    loader_stubs,
+    mtproxy,
+    settings,
+)
 
 
 def cell(**changes) -> dict:

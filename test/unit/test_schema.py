@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_settings import DEFAULTS, REPO, SECRET, loader_stubs, mtproxy, schema, settings  # noqa: F401 (fixture)
+from test_settings import (  # noqa: F401 (loader mocks, autouse fixture)
+    DEFAULTS,
+    REPO,
+    SECRET,
+    configure_loader_modules,
+    loader_stubs,
+    mtproxy,
+    schema,
+    settings,
+)
 
 
 def refused(**changes) -> str:

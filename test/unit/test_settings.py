@@ -1,14 +1,14 @@
 """Pure logic of mtproxy.resolve: every bad pillar value gets one clear error
 naming the key, the value and what is allowed; good values derive the cell.
 
-Salt's loader is replaced by a few stubs here (host address, Salt options):
-this is the validation logic alone. The integration tests show the same
+Salt's loader is replaced by a few stubs here (host address, Salt options),
+through pytest-salt-factories' loader mocks: this is the validation logic
+alone. The integration tests show the same
 errors stopping a real apply before anything changes."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,37 +16,47 @@ import yaml
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from modules import execution_module
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("mtproxy_module_under_test", REPO / "_modules" / "mtproxy.py")
-mtproxy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mtproxy)
-_spec = importlib.util.spec_from_file_location("mtproxy_schema_under_test", REPO / "_modules" / "mtproxy_schema.py")
-schema = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(schema)
+mtproxy = execution_module("mtproxy")
+schema = execution_module("mtproxy_schema")
+flavors = execution_module("mtproxy_flavor")
 # Salt's loader gives both modules salt.exceptions; here they share the error class.
 schema.SettingsError = mtproxy.SettingsError
-_spec = importlib.util.spec_from_file_location("mtproxy_flavor_under_test", REPO / "_modules" / "mtproxy_flavor.py")
-flavors = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(flavors)
-# The schema asks the flavor records what each flavor supports.
-schema.__salt__ = {"mtproxy_flavor.names": flavors.names, "mtproxy_flavor.check": flavors.check}
 
 DEFAULTS = yaml.safe_load((REPO / "mtproxy" / "parameters" / "defaults.yaml").read_text())["mtproxy"]
 SECRET = "5f0c2b7e9a1d4c3b8e6f0a2d4c6b8e1f"
 
 
+def loader_modules() -> dict:
+    """Salt's loader dunders of the settings modules: the host's address, Salt's
+    options, and the functions they call on each other."""
+    return {
+        mtproxy: {
+            "__salt__": {
+                "network.default_route": lambda family: [{"interface": "eth0"}],
+                "network.interface_ip": lambda iface: "203.0.113.10",
+                "config.option": lambda key, default=None: default,
+                "mtproxy_schema.validate": schema.validate,
+            },
+            "__opts__": {"test": False},
+            "__grains__": {},
+        },
+        # The schema asks the flavor records what each flavor supports.
+        schema: {"__salt__": {"mtproxy_flavor.names": flavors.names, "mtproxy_flavor.check": flavors.check}},
+    }
+
+
+@pytest.fixture
+def configure_loader_modules():
+    """pytest-salt-factories sets these up before each test and undoes them after."""
+    return loader_modules()
+
+
 @pytest.fixture(autouse=True)
 def loader_stubs(monkeypatch, tmp_path):
-    stubs = {
-        "network.default_route": lambda family: [{"interface": "eth0"}],
-        "network.interface_ip": lambda iface: "203.0.113.10",
-        "config.option": lambda key, default=None: default,
-        "mtproxy_schema.validate": schema.validate,
-    }
-    monkeypatch.setattr(mtproxy, "__salt__", stubs, raising=False)
-    monkeypatch.setattr(mtproxy, "__opts__", {"test": False}, raising=False)
-    monkeypatch.setattr(mtproxy, "__grains__", {}, raising=False)
+    """The generated secret's file, below tmp_path."""
     monkeypatch.setitem(DEFAULTS, "secret_file", str(tmp_path / "lib" / "secret"))
     return tmp_path / "lib" / "secret"
 
@@ -76,7 +86,7 @@ def test_defaults_derive_a_two_replica_cell(loader_stubs):
 
 
 def test_a_generated_secret_is_not_kept_under_test_mode(monkeypatch, loader_stubs):
-    monkeypatch.setattr(mtproxy, "__opts__", {"test": True}, raising=False)
+    monkeypatch.setitem(mtproxy.__opts__, "test", True)
     mtproxy.resolve(settings())
     assert not loader_stubs.exists()
 
