@@ -57,6 +57,8 @@ def state_args(rendered: dict, state_id: str) -> dict:
 
 # Our entry point: mtprotoproxy, and its counters on port+10000 for the cell exporter.
 MTPROTOPROXY_COMMAND = "/etc/mtprotoproxy/stats.py 14431 /usr/local/bin/mtprotoproxy /etc/mtprotoproxy/config.py"
+# The formula's wrapper (mtproxy/files/official) with the replica's settings file.
+OFFICIAL_COMMAND = "/etc/mtproxy-formula/run-mtproto-proxy.sh /etc/mtproxy-formula/settings.sh"
 
 
 @pytest.mark.integration
@@ -65,7 +67,7 @@ MTPROTOPROXY_COMMAND = "/etc/mtprotoproxy/stats.py 14431 /usr/local/bin/mtprotop
     [
         ("mtprotoproxy", "tproxy", "mtproxy-formula/mtprotoproxy:local", "python3", MTPROTOPROXY_COMMAND),
         ("mtprotoproxy", "proxy_protocol", "mtproxy-formula/mtprotoproxy:local", "python3", MTPROTOPROXY_COMMAND),
-        ("official", "tproxy", "telegrammessenger/proxy:latest", "/bin/sh", "/etc/mtproxy-formula/run.sh"),
+        ("official", "tproxy", "telegrammessenger/proxy:latest", "/bin/sh", OFFICIAL_COMMAND),
         ("mtg", "tproxy", "nineseconds/mtg:2", "/mtg", "run /etc/mtg/mtg.toml"),
         ("mtg", "proxy_protocol", "nineseconds/mtg:2", "/mtg", "run /etc/mtg/mtg.toml"),
     ],
@@ -87,6 +89,9 @@ def test_every_flavor_and_client_ip_mode_renders(netns_host, flavor, client_ip, 
     assert ("watch_action" in replica) == (flavor == "mtprotoproxy")
     config = state_args(rendered, "Replica mtproxy_1 has its config")
     assert config["mode"] == "0600" and config["show_changes"] is False
+    if flavor == "official":
+        wrapper = state_args(rendered, "Replica mtproxy_1 has its run-mtproto-proxy.sh")
+        assert wrapper["source"] == "salt://mtproxy/files/official/run-mtproto-proxy.sh"
     transparent = client_ip == "tproxy"
     assert ("Replica replies are routed back to HAProxy" in rendered) == transparent
     assert ("Return path covers exactly the replica ports" in rendered) == transparent
