@@ -1,9 +1,9 @@
 """
 Settings, links and status of an MTProxy cell deployed by mtproxy-formula.
 
-``mtproxy/map.jinja`` layers the formula's parameters and pillar, then calls
-:py:func:`resolve` to validate them and derive the rest. The other functions
-work from the same settings (:py:func:`settings` renders map.jinja), so the
+:py:func:`settings` layers the formula's parameters and pillar, then calls
+:py:func:`resolve` to validate them and derive the rest. ``mtproxy/map.jinja``
+is that call, and the other functions work from the same settings, so the
 CLI and the states never disagree.
 
 CLI examples:
@@ -17,6 +17,7 @@ CLI examples:
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import logging
@@ -26,6 +27,8 @@ import re
 import secrets
 import urllib.parse
 from typing import Any
+
+import salt.utils.yaml
 
 try:
     from salt.exceptions import CommandExecutionError
@@ -41,6 +44,8 @@ __virtualname__ = "mtproxy"
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 HIDDEN = "<hidden>"
+# Settings that are credentials: mtproxy.settings shows them as HIDDEN.
+CREDENTIALS = ("secret", "secrets", "extra_secrets", "haproxy:stats_auth", "exporter:auth")
 # Kernel parameters (net.ipv4.ip_local_port_range, ...) as files.
 PROC_SYSCTL = "/proc/sys"
 # Secrets that appear in examples and docs: never serve with them.
@@ -141,7 +146,8 @@ def generated_secret(path: str) -> str:
     The secret generated for this host: made once and kept in ``path``
     (pillar ``mtproxy:secret_file``, 0600 in a 0700 folder) so the links stay
     valid across applies, also over salt-ssh where grains do not persist.
-    Under ``test=True`` a missing secret is made up but not kept.
+    Under ``test=True`` a missing secret is made up, not kept, and the
+    same for the rest of the run.
 
     Only a missing file is generated. A file that does not hold a secret (32
     hex characters, optionally followed by a newline) fails, naming the file,
@@ -173,13 +179,15 @@ def generated_secret(path: str) -> str:
                 "overwritten: fix it, or remove it to generate a new secret (the links change then)",
             )
         return secret.lower()
+    if __opts__.get("test"):
+        # Not kept under test=True, but the same for the rest of the run.
+        return __context__.setdefault(f"mtproxy.unkept_secret:{path}", secrets.token_hex(16))
     secret = secrets.token_hex(16)
-    if not __opts__.get("test"):
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        # O_EXCL: a file that appeared meanwhile is never overwritten.
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="ascii") as kept:
-            kept.write(secret + "\n")
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    # O_EXCL: a file that appeared meanwhile is never overwritten.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as kept:
+        kept.write(secret + "\n")
     return secret
 
 
@@ -696,11 +704,25 @@ def return_path_ports(cell: dict, existing: list[dict]) -> list[int]:
     return sorted(set(cell["ports"]) | {r["port"] for r in existing if r["port"] is not None})
 
 
-def settings() -> dict:
+def settings(show_secrets: bool = False, tplroot: str = "mtproxy", bootstrapping: bool = False) -> dict:
     """
-    The cell's resolved settings, exactly as the states see them (rendered
-    from mtproxy/map.jinja). The secret is included: treat the output as
-    sensitive.
+    The cell's settings, exactly as the states see them (``mtproxy/map.jinja``
+    is this call): :func:`layered`, then ``mtproxy_bootstrap.resolve``, which
+    refuses in one line an apply that must wait for ``mtproxy.bootstrap`` and
+    then validates and derives them (:func:`resolve`). A bad pillar value
+    fails here, naming its key, before anything on the host changes.
+
+    A generated secret is kept in ``secret_file``, so every call gives the
+    same one (under ``test=True`` the one made up is reused for the whole run).
+
+    show_secrets
+        Return the secrets and the stats and exporter passwords as they are,
+        for the states and the other functions. By default they show as
+        ``<hidden>``: the debugging view (template-formula's ``_mapdata``).
+    tplroot
+        The formula's folder on the Salt file server.
+    bootstrapping
+        Set while ``mtproxy.bootstrap`` renders: no refusal, no secret made.
 
     CLI Example:
 
@@ -708,11 +730,82 @@ def settings() -> dict:
 
         salt '*' mtproxy.settings
     """
-    template = (
-        "{%- set tpldir = 'mtproxy' %}{%- from 'mtproxy/map.jinja' import mtproxy with context %}{{ mtproxy | json }}"
-    )
-    rendered = __salt__["slsutil.renderer"](string=template, default_renderer="jinja|json")
-    return rendered
+    cell = __salt__["mtproxy_bootstrap.resolve"](layered(tplroot), bootstrapping=bootstrapping)
+    return cell if show_secrets else masked_settings(cell)
+
+
+def layered(tplroot: str = "mtproxy") -> dict:
+    """
+    The settings before validation, layered the template-formula way:
+    ``parameters/defaults.yaml`` < ``parameters/os_family/<os_family>.yaml``
+    (Debian's when the family has none) < pillar ``mtproxy:lookup`` < pillar
+    ``mtproxy``. The files come from the Salt file server
+    (``salt://<tplroot>/parameters/``), as the states' own files do.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.layered
+    """
+    family = __salt__["grains.get"]("os_family") or "Debian"
+    os_family = _parameters(tplroot, f"os_family/{family}.yaml", missing_ok=True)
+    if os_family is None:
+        os_family = _parameters(tplroot, "os_family/Debian.yaml")
+    pillar = copy.deepcopy(__salt__["pillar.get"]("mtproxy", {}) or {})
+    lookup = pillar.pop("lookup", None) or {}
+    return merged(_parameters(tplroot, "defaults.yaml") or {}, os_family or {}, lookup, pillar)
+
+
+def _parameters(tplroot: str, name: str, missing_ok: bool = False) -> dict | None:
+    """The ``mtproxy`` key of ``salt://<tplroot>/parameters/<name>``; None when missing_ok and it is missing."""
+    url = f"salt://{tplroot}/parameters/{name}"
+    text = __salt__["cp.get_file_str"](url)
+    if text is False or text is None:
+        if missing_ok:
+            return None
+        raise CommandExecutionError(f"Cannot read {url}: is the formula on the Salt file server (file_roots)?")
+    return (salt.utils.yaml.safe_load(text) or {}).get("mtproxy") or {}
+
+
+def merged(*layers: dict) -> dict:
+    """``layers`` merged in order, the later winning: mappings key by key, anything else (lists too) replaced."""
+    result: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(result.get(key), dict):
+                result[key] = merged(result[key], value)
+            else:
+                result[key] = copy.deepcopy(value)
+    return result
+
+
+def masked_settings(cell: dict) -> dict:
+    """
+    ``cell`` (resolved settings) with its credentials shown as ``<hidden>``
+    (:data:`CREDENTIALS`; an empty one stays empty), and any other text
+    that contains one masked as in :func:`mask`.
+    """
+    cell = copy.deepcopy(cell)
+    hidden: list[str] = []
+    for key in CREDENTIALS:
+        parent, _, name = key.rpartition(":")
+        node = _lookup(cell, parent) if parent else cell
+        value = node.get(name) if isinstance(node, dict) else None
+        if not value:
+            continue
+        values = value if isinstance(value, list) else [value]
+        hidden += [item for item in values if isinstance(item, str) and item]
+        node[name] = [HIDDEN] * len(value) if isinstance(value, list) else HIDDEN
+    return _masked_text(cell, hidden)
+
+
+def _masked_text(node: Any, hidden: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {key: _masked_text(value, hidden) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_masked_text(value, hidden) for value in node]
+    return mask(node, hidden) if isinstance(node, str) else node
 
 
 def build_links(host: str, port: int, secrets: str | list[str], modes: list[str], tls_domain: str = "") -> list[dict]:
@@ -746,7 +839,7 @@ def mask(text: str, secrets: str | list[str]) -> str:
     return text
 
 
-def links(masked: bool = False) -> list[dict]:
+def links(masked: bool = False, cell: dict | None = None) -> list[dict]:
     """
     The links clients use to connect, for the cell's public host and
     frontend port (``tg://`` and ``https://t.me``): one per secret and mode
@@ -755,6 +848,9 @@ def links(masked: bool = False) -> list[dict]:
 
     masked
         Hide the secret (for logs and state output).
+    cell
+        The resolved settings (``mtproxy.settings show_secrets=True``), when
+        the caller has them already.
 
     CLI Example:
 
@@ -762,7 +858,7 @@ def links(masked: bool = False) -> list[dict]:
 
         salt '*' mtproxy.links
     """
-    cell = settings()
+    cell = cell or settings(show_secrets=True)
     result = build_links(
         cell["public_host"], cell["haproxy"]["frontend_port"], cell["secrets"], cell["modes"], cell["tls_domain"]
     )
@@ -789,27 +885,47 @@ def status() -> dict:
 
         salt '*' mtproxy.status
     """
-    cell = settings()
+    cell = settings(show_secrets=True)
     haproxy = cell["haproxy"]
-    servers: dict[str, dict] = {}
-    haproxy_error = None
+    servers, haproxy_error = _haproxy_servers(haproxy)
+    return {
+        "haproxy": {
+            "container": _container_state(haproxy["container"]),
+            "frontend": f"{haproxy['frontend_bind']}:{haproxy['frontend_port']}",
+            "stats_url": f"http://{haproxy['stats_bind']}:{haproxy['stats_port']}/stats",
+            "error": haproxy_error,
+        },
+        "replicas": _replica_status(cell, servers),
+        "return_path": _return_path(cell),
+        "guards": _guards(cell),
+        # Per secret (by index): sessions now, sessions and bytes since each replica started.
+        "secrets": __salt__["mtproxy_exporter.secrets"](cell),
+    }
+
+
+def _haproxy_servers(haproxy: dict) -> tuple[dict[str, dict], str | None]:
+    """The replicas' servers in HAProxy's backend, by name, from every worker; or the error that hid them."""
     try:
-        for server in __salt__["haproxy_runtime.servers"](
+        found = __salt__["haproxy_runtime.servers"](
             backend=BACKEND,
             all_workers=True,
             admin_socket=haproxy["admin_socket"],
             master_socket=haproxy["master_socket"],
-        ).values():
-            servers[server["server"]] = server
+        )
     except CommandExecutionError as exc:
-        haproxy_error = str(exc)
+        return {}, str(exc)
+    return {server["server"]: server for server in found.values()}, None
 
-    def container_state(name: str) -> str:
-        try:
-            return __salt__["docker.state"](name)
-        except CommandExecutionError:
-            return "absent"
 
+def _container_state(name: str) -> str:
+    try:
+        return __salt__["docker.state"](name)
+    except CommandExecutionError:
+        return "absent"
+
+
+def _replica_status(cell: dict, servers: dict[str, dict]) -> list[dict]:
+    """Each replica, the pillar's and those that exist, with its container and HAProxy server state."""
     # Where each replica listens now (its label), else where the pillar puts it.
     ports = {r["name"]: r["port"] for r in cell["replica_list"]}
     ports.update({r["name"]: r["port"] for r in existing_replicas(cell["base_port"], cell["backend_address"])})
@@ -820,25 +936,13 @@ def status() -> dict:
             {
                 "name": name,
                 "port": ports[name],
-                "container": container_state(name),
+                "container": _container_state(name),
                 "haproxy": server.get("status", "not configured"),
                 "sessions": server.get("scur", 0),
                 "check": server.get("check_status", ""),
             }
         )
-    return {
-        "haproxy": {
-            "container": container_state(haproxy["container"]),
-            "frontend": f"{haproxy['frontend_bind']}:{haproxy['frontend_port']}",
-            "stats_url": f"http://{haproxy['stats_bind']}:{haproxy['stats_port']}/stats",
-            "error": haproxy_error,
-        },
-        "replicas": replicas,
-        "return_path": _return_path(cell),
-        "guards": _guards(cell),
-        # Per secret (by index): sessions now, sessions and bytes since each replica started.
-        "secrets": __salt__["mtproxy_exporter.secrets"](cell),
-    }
+    return replicas
 
 
 TOP_ADDRESSES = 10

@@ -84,6 +84,8 @@ class SaltMaster:
                 "id": f"{host.name}-{name}",
                 "interface": "0.0.0.0",
                 "file_roots": {"base": [str(REPO)]},
+                # The formula's salt-ssh wrapper (_wrapper/mtproxy.py), from the checkout.
+                "module_dirs": [str(REPO)],
                 "pillar_roots": {"base": [str(self.pillar_dir)]},
                 "auto_accept": True,
                 # salt-ssh keeps its key and thin here.
