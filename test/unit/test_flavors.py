@@ -7,6 +7,7 @@ test/integration/test_proxy_protocol.py, with real containers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from test_settings import (  # noqa: F401 (loader mocks, autouse fixture)
     flavors,
     loader_stubs,
     mtproxy,
+    schema,
     settings,
 )
 
@@ -184,9 +186,10 @@ def run_wrapper(tmp_path, spec: dict, nofile: int) -> subprocess.CompletedProces
     mount = flavors.FLAVORS["official"].mount
     for name, source in spec["files"].items():
         text = salt_file(source).read_text()
-        text = text.replace("data=/data", f"data={tmp_path}/data")
         # Not exec: the stub reads the wrapper's command line as its parent's.
-        text = text.replace("exec /usr/local/bin/mtproto-proxy", f"{tmp_path}/bin/mtproto-proxy")
+        for old, new in (("data=/data", f"data={tmp_path}/data"), ("exec /usr/local/bin/", f"{tmp_path}/bin/")):
+            assert text.count(old) == 1, f"{source} no longer has {old!r}"
+            text = text.replace(old, new)
         (tmp_path / name).write_text(text)
     (tmp_path / Path(spec["config_file"]).name).write_text(spec["config"])
     entry_point, *args = spec["command"].replace(mount, str(tmp_path)).split()
@@ -260,6 +263,61 @@ def test_mtg_concurrency_follows_the_open_files_limit():
     assert derived["concurrency"] == (16384 - 64) // 2
     chosen = tomllib.loads(replica_spec(cell(flavor="mtg", tls_domain=DOMAIN, max_connections=3000))["config"])
     assert chosen["concurrency"] == 3000
+
+
+def test_the_wrapper_refuses_to_run_without_its_settings_file(tmp_path):
+    spec = replica_spec(cell(flavor="official"))
+    wrapper = salt_file(spec["files"]["run-mtproto-proxy.sh"])
+    run = subprocess.run(["sh", str(wrapper), str(tmp_path / "absent")], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2 and "usage:" in run.stderr
+
+
+# -- the records ----------------------------------------------------------------------
+
+
+def test_every_record_names_files_that_exist_and_a_default_image_the_schema_fills_in():
+    for name in flavors.names():
+        record = flavors.record(name)
+        for source in record["files"].values():
+            salt_file(source)
+        assert record["modes"] and set(record["modes"]) <= set(flavors.MODES)
+        assert "tproxy" in record["client_ip"]
+        json.dumps(record)  # what salt-call prints
+    assert cell(image="")["image"] == flavors.FLAVORS["mtprotoproxy"].image
+
+
+def test_adding_a_flavor_is_adding_a_record(monkeypatch):
+    """A new flavor in FLAVORS alone: the schema accepts its name, refuses what
+    its record does not support, fills in its image and modes, and the
+    replica spec follows the record."""
+    record = dataclasses.replace(
+        flavors.FLAVORS["mtg"],
+        image="example/teleproxy:1",
+        mount="/etc/teleproxy",
+        config_name="teleproxy.toml",
+        modes=("secure", "tls"),
+        client_ip=("tproxy",),
+        supports=frozenset({"ad_tag"}),
+        reload_signal="SIGHUP",
+    )
+    monkeypatch.setitem(flavors.FLAVORS, "teleproxy", record)
+    validated = schema.validate(settings(secret=SECRET, flavor="teleproxy", tls_domain=DOMAIN, ad_tag=AD_TAG))
+    assert validated["image"] == "example/teleproxy:1" and validated["modes"] == ["secure", "tls"]
+    for changes, key in (
+        ({"client_ip": "proxy_protocol"}, "client_ip"),
+        ({"modes": ["classic"]}, "modes"),
+        ({"handshake_timeout": 30}, "handshake_timeout"),
+        ({"extra_secrets": [SECOND]}, "extra_secrets"),
+    ):
+        with pytest.raises(mtproxy.SettingsError, match=f"^Pillar mtproxy:{key} is .*flavor teleproxy"):
+            schema.validate(settings(secret=SECRET, flavor="teleproxy", tls_domain=DOMAIN, **changes))
+    resolved = cell(flavor="mtg", tls_domain=DOMAIN) | {"flavor": "teleproxy", "image": validated["image"]}
+    spec = replica_spec(resolved)
+    assert spec["image"] == "example/teleproxy:1" and spec["command"] == "run /etc/teleproxy/teleproxy.toml"
+    assert spec["binds"][0].endswith(":/etc/teleproxy:ro") and spec["config_file"].endswith("/teleproxy.toml")
+    assert spec["reload_signal"] == "SIGHUP"
+    # A flavor that reloads needs no config digest: a change is a signal.
+    assert not any(label.startswith("mtproxy-formula.config=") for label in spec["labels"])
 
 
 FLAVORS = [
