@@ -15,6 +15,7 @@ packages=(
     python3 python3-venv python3-dev
     util-linux         # nsenter
     procps psmisc socat curl make gcc
+    shellcheck         # make lint: the shell files the formula ships
 )
 
 missing=()
