@@ -15,6 +15,7 @@ import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -86,6 +87,7 @@ class SaltMaster:
                 "file_roots": {"base": [str(REPO)]},
                 # The formula's salt-ssh wrapper (_wrapper/mtproxy.py), from the checkout.
                 "module_dirs": [str(REPO)],
+                "runner_dirs": [str(REPO / "_runners")],
                 "pillar_roots": {"base": [str(self.pillar_dir)]},
                 "auto_accept": True,
                 # salt-ssh keeps its key and thin here.
@@ -131,6 +133,15 @@ class SaltMaster:
             return json.loads(proc.stdout) if proc.stdout.strip() else {}
         except ValueError as exc:
             raise TestHostError(f"salt printed no JSON ({proc.returncode}):\n{proc.stdout}{proc.stderr}") from exc
+
+    def salt_run(self, *args: str, timeout: float = 900) -> tuple[int, dict]:
+        """``salt-run ARGS`` from the master's namespace; returns (exit code, its JSON)."""
+        cmd = [str(VENV_BIN / "salt-run"), "-c", str(self.config_dir), "--out=json", "--log-level=quiet", *args]
+        proc = self.host.run(cmd, check=False, timeout=timeout)
+        try:
+            return proc.returncode, json.loads(proc.stdout)
+        except ValueError as exc:
+            raise TestHostError(f"salt-run printed no JSON ({proc.returncode}):\n{proc.stdout}{proc.stderr}") from exc
 
     def wait_minions(self, ids: list[str], timeout: float = 150) -> None:
         """Wait until each minion's key is accepted and it answers ``test.ping``."""
@@ -179,6 +190,32 @@ class SaltMinion:
     def stop(self) -> None:
         if self.daemon:
             self.daemon.stop()
+
+
+@contextlib.contextmanager
+def salt_cluster(make_testhost: Callable[..., TestHost], pillar: Callable[[TestHost], dict], count: int = 2):
+    """One salt-master in a test host of its own and ``count`` test hosts each with
+    a salt-minion, linked to the master by veth pairs; ``pillar(host)`` is each
+    host's pillar on the master. Yields (master, hosts, {host name: pillar});
+    everything is stopped at the end."""
+    master_host = make_testhost(docker=False)
+    hosts = [make_testhost() for _ in range(count)]
+    started: list[SaltMaster | SaltMinion] = []
+    try:
+        master = SaltMaster(master_host)
+        pillars = {h.name: pillar(h) for h in hosts}
+        master.set_pillar(pillars)
+        started.append(master.start())
+        for host in hosts:
+            master_address, _ = master_host.link_to(host)
+            started.append(SaltMinion(host, master_address).start())
+        master.wait_minions([h.name for h in hosts])
+        yield master, hosts, pillars
+    finally:
+        for daemon in reversed(started):
+            daemon.stop()
+        for host in (*hosts, master_host):
+            host.stop()
 
 
 SSHD = "/usr/sbin/sshd"

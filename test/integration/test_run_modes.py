@@ -17,7 +17,7 @@ import time
 
 import pytest
 from cell import assert_cell_serves, cell_pillar, changed, containers, failed
-from saltdaemons import SaltMaster, SaltMinion
+from saltdaemons import salt_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -43,24 +43,8 @@ def timed(label: str, func, *args, **kwargs):
 @pytest.fixture(scope="module")
 def cluster(make_testhost):
     """One master, two test hosts each with a minion; pillar: a cell per host."""
-    master_host = make_testhost(docker=False)
-    hosts = [make_testhost(), make_testhost()]
-    started = []
-    try:
-        master = SaltMaster(master_host)
-        pillars = {h.name: cell_pillar(h) for h in hosts}
-        master.set_pillar(pillars)
-        started.append(master.start())
-        for host in hosts:
-            master_address, _ = master_host.link_to(host)
-            started.append(SaltMinion(host, master_address).start())
-        master.wait_minions([h.name for h in hosts])
-        yield master, hosts, pillars
-    finally:
-        for daemon in reversed(started):
-            daemon.stop()
-        for host in (*hosts, master_host):
-            host.stop()
+    with salt_cluster(make_testhost, cell_pillar) as running:
+        yield running
 
 
 def test_master_apply_deploys_every_cell(cluster):
