@@ -455,7 +455,9 @@ def show(index: int = 1) -> dict[str, Any]:
 
         salt '*' mtproxy_flavor.show 2
     """
-    cell = __salt__["mtproxy.settings"]()
+    # The real secrets: the spec is rendered from them (a config digest label
+    # depends on them), then they are masked.
+    cell = __salt__["mtproxy.settings"](show_secrets=True)
     replicas = {item["index"]: item for item in cell["replica_list"]}
     if int(index) not in replicas:
         raise CommandExecutionError(f"no replica {index}: the cell has {len(replicas)}")
