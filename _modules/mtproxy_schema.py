@@ -30,17 +30,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-try:
-    from salt.exceptions import CommandExecutionError
-except ImportError:  # imported without Salt, e.g. by unit tests of pure logic
-
-    class CommandExecutionError(Exception):  # type: ignore[no-redef]
-        pass
-
+from mtproxy_common import FAMILIES, HIDDEN, METHODS, RESERVED_TABLES  # _utils: on sys.path under Salt's loader
+from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "mtproxy_schema"
 
-HIDDEN = "<hidden>"
 REPLICA_NAME = re.compile(r"mtproxy_[0-9]+")
 # Docker's container-name rule, also safe as a word in HAProxy and YAML.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -137,8 +131,6 @@ SYSTEM_FOLDERS = frozenset(
 )
 # Kernel file systems: nothing of ours goes anywhere below them.
 KERNEL_FOLDERS = ("/proc", "/sys", "/dev")
-# Routing tables the kernel uses itself: 0 unspec, 253 default, 254 main, 255 local.
-RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
 
 
 class SettingsError(CommandExecutionError):
@@ -490,7 +482,42 @@ def SysctlValue() -> Spec:
     return Spec(check, "sysctl value")
 
 
-_SECRET_KEYS = ("secret", "extra_secrets", "haproxy:stats_auth", "exporter:auth")
+# Linux interface names: up to 15 characters, no space, slash or colon.
+INTERFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
+# Salt minion ids own virtual addresses (mtproxy:vip:addresses:<n>:owner).
+MINION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,252}")
+# VRRP PASS authentication carries up to 8 characters; keepalived reads # and ! as comments.
+VRRP_PASSWORD = re.compile(r"[A-Za-z0-9_.+=@%^*~-]{1,8}")
+
+
+def VipAddress() -> Spec:
+    """One floating address: {address: IPv4, router_id: 1..255, owner: minion id}."""
+    fields = {
+        "address": Spec(_vip_ipv4, "IPv4 address"),
+        "router_id": Int(1, 255),
+        "owner": Text(MINION_ID, "use the minion id of the host that holds it normally", empty=False),
+    }
+    allowed = "use a mapping {address: <IPv4>, router_id: <1..255>, owner: <minion id>}"
+
+    def check(key: str, value: Any) -> dict:
+        if not isinstance(value, dict) or set(value) != set(fields):
+            fail(key, value, allowed)
+        return {name: spec.check(f"{key}:{name}", value[name]) for name, spec in fields.items()}
+
+    return Spec(check, "{address, router_id, owner}")
+
+
+def _vip_ipv4(key: str, value: Any) -> str:
+    try:
+        address = ipaddress.IPv4Address(value)
+    except (ValueError, TypeError):
+        address = None
+    if address is None or address.is_loopback or address.is_multicast or address.is_unspecified:
+        fail(key, value, "use an IPv4 unicast address such as 203.0.113.100 (not loopback, multicast or 0.0.0.0)")
+    return str(address)
+
+
+_SECRET_KEYS = ("secret", "extra_secrets", "haproxy:stats_auth", "exporter:auth", "vip:password")
 
 # Every pillar key under mtproxy: (parts joined by ':'), with its type and
 # constraint. Constraints between keys are in _cross_checks.
@@ -546,10 +573,10 @@ SCHEMA: dict[str, Spec] = {
         )
     ),
     "sysctls": MapOf(re.compile(r"[a-z0-9_]+([./][A-Za-z0-9_-]+)+"), "a kernel parameter name", SysctlValue()),
-    "tproxy:method": Choice("mark", "sport"),
+    "tproxy:method": Choice(*METHODS),
     "tproxy:mark": Int(1, 0xFFFFFFFF),
     "tproxy:table": Int(1, 0xFFFFFFFE, excluded=RESERVED_TABLES),
-    "tproxy:family": Choice("ipv4", "ipv6", "both"),
+    "tproxy:family": Choice(*FAMILIES),
     "haproxy:image": Text(IMAGE_REF, "use an image reference such as mtproxy-formula/haproxy:local", empty=False),
     "haproxy:container": ContainerName(),
     "haproxy:frontend_bind": Address(),
@@ -600,6 +627,22 @@ SCHEMA: dict[str, Spec] = {
     "exporter:auth": StatsAuth(),
     "exporter:interval": Int(1, 3600),
     "exporter:unit_name": Name(suffix=".service"),
+    # Floating addresses (mtproxy/vip): keepalived moves each between hosts by VRRP.
+    "vip:enabled": Bool(),
+    "vip:interface": Text(INTERFACE, "use a network interface name such as eth0"),
+    "vip:addresses": ListOf(VipAddress(), maximum=255),
+    "vip:prefix_length": Int(1, 32),
+    "vip:priority": Int(1, 254),
+    "vip:backup_priority": Int(1, 254),
+    "vip:advert_int": Int(1, 255),
+    "vip:preempt_delay": Int(0, 1000),
+    "vip:check_interval": Int(1, 60),
+    "vip:check_fall": Int(1, 60),
+    "vip:check_rise": Int(1, 60),
+    "vip:peers": ListOf(Spec(_vip_ipv4, "IPv4 address"), maximum=64),
+    "vip:password": Text(VRRP_PASSWORD, "use 1 to 8 letters, digits or _ . + = @ % ^ * ~ -", hidden=True),
+    "vip:image": Text(IMAGE_REF, "use an image reference such as mtproxy-formula/keepalived:local", empty=False),
+    "vip:container": ContainerName(),
 }
 # Mappings of keys above (haproxy, haproxy:health_check, ...).
 _GROUPS = {":".join(key.split(":")[:depth]) for key in SCHEMA for depth in range(1, key.count(":") + 1)}
@@ -730,6 +773,7 @@ def _cross_checks(settings: dict) -> None:
         )
 
     _exporter_checks(settings, last)
+    _vip_checks(settings)
 
     config_dir, run_dir = settings["config_dir"], settings["run_dir"]
     if _nested(config_dir, run_dir) or _nested(run_dir, config_dir):
@@ -763,6 +807,39 @@ def _exporter_checks(settings: dict, last_port: int) -> None:
                 f'the exporter is public on {exporter["bind"]}: set exporter:auth ("user:password", a password of '
                 "at least 12 characters) or bind it to 127.0.0.1",
             )
+
+
+def _vip_checks(settings: dict) -> None:
+    """Floating addresses: each once, router IDs unique on the segment, owners above backups."""
+    vip = settings["vip"]
+    seen: dict[str, str] = {}
+    for index, entry in enumerate(vip["addresses"]):
+        for field in ("address", "router_id"):
+            earlier = seen.setdefault(f"{field}={entry[field]}", f"vip:addresses:{index}")
+            if earlier != f"vip:addresses:{index}":
+                fail(f"vip:addresses:{index}:{field}", entry[field], f"{earlier} has it too; give each its own")
+    for index, peer in enumerate(vip["peers"]):
+        if f"address={peer}" in seen:
+            fail(f"vip:peers:{index}", peer, "it is a virtual address; list the hosts' own addresses")
+    if vip["backup_priority"] >= vip["priority"]:
+        fail(
+            "vip:backup_priority",
+            vip["backup_priority"],
+            f"use an integer from 1 to {vip['priority'] - 1}, below vip:priority (the owner's)",
+        )
+    if not vip["enabled"]:
+        return
+    if not vip["interface"]:
+        fail("vip:interface", vip["interface"], "vip is enabled: name the interface on the hosts' shared segment")
+    if not vip["addresses"]:
+        fail("vip:addresses", vip["addresses"], "vip is enabled: list at least one {address, router_id, owner}")
+    bind = settings["haproxy"]["frontend_bind"]
+    if bind != "0.0.0.0":
+        fail(
+            "haproxy:frontend_bind",
+            bind,
+            "with vip enabled HAProxy must accept clients on the virtual addresses too: use 0.0.0.0",
+        )
 
 
 def validate(settings: dict) -> dict:
