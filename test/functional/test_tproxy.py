@@ -24,22 +24,22 @@ HAPROXY = "/usr/sbin/haproxy"
 FRONTEND_PORT = 8443
 
 
-def _mangle_rule(sports: str, name: str = "cell") -> str:
+def _mangle_rule(sports: str, name: str = "probe") -> str:
     return (
         f'-A OUTPUT -p tcp -m multiport --sports {sports} -m comment --comment "mtproxy-formula tproxy: {name}" '
         "-j MARK --set-xmark 0x1/0xffffffff"
     )
 
 
-class Cell:
-    """Runs the tproxy state in a test host and reads back the kernel state there."""
+class TproxyKernel:
+    """Runs the tproxy state in a bare test host (no cell here: no HAProxy, no replicas), reads the kernel back."""
 
     def __init__(self, host: TestHost):
         self.host = host
         # Our modules straight from the repository: no sync needed.
         self.config_dir = host.minion_config(module_dirs=[str(REPO / "_modules")], states_dirs=[str(REPO / "_states")])
 
-    def state(self, fun: str, name: str = "cell", test: bool = False, **kwargs) -> dict:
+    def state(self, fun: str, name: str = "probe", test: bool = False, **kwargs) -> dict:
         args = [f"{key}={json.dumps(value)}" for key, value in kwargs.items()]
         if test:
             args.append("test=True")
@@ -97,163 +97,163 @@ OUR_ROUTE6 = "local default dev lo proto 201 metric 1024 pref medium"
 
 
 @pytest.fixture
-def cell(netns_host) -> Cell:
-    return Cell(netns_host)
+def kernel(netns_host) -> TproxyKernel:
+    return TproxyKernel(netns_host)
 
 
 # -- state behaviour -------------------------------------------------------------------
 
 
-def test_present_mark(cell):
-    assert cell.rules() == DEFAULT_RULES
-    ret = cell.present(ports=[4431, 4432])
+def test_present_mark(kernel):
+    assert kernel.rules() == DEFAULT_RULES
+    ret = kernel.present(ports=[4431, 4432])
     assert ret["result"] is True, ret
     assert ret["changes"] == {
         "added": [
             "ip route local 0.0.0.0/0 dev lo table 100 proto 201",
             "ip rule pref 100 fwmark 0x1 lookup 100 proto 201",
             "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4432 -m comment "
-            "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff",
+            "--comment 'mtproxy-formula tproxy: probe' -j MARK --set-xmark 0x1/0xffffffff",
         ]
     }
-    assert cell.rules() == [
+    assert kernel.rules() == [
         "0: from all lookup local",
         "100: from all fwmark 0x1 lookup 100 proto 201",
         "32766: from all lookup main",
         "32767: from all lookup default",
     ]
-    assert cell.routes() == [OUR_ROUTE]
-    assert cell.mangle() == [_mangle_rule("4431:4432")]
+    assert kernel.routes() == [OUR_ROUTE]
+    assert kernel.mangle() == [_mangle_rule("4431:4432")]
     # IPv6 untouched with family ipv4.
-    assert cell.rules(v6=True) == DEFAULT_RULES6
-    assert cell.routes(v6=True) == []
-    assert cell.mangle(v6=True) == []
+    assert kernel.rules(v6=True) == DEFAULT_RULES6
+    assert kernel.routes(v6=True) == []
+    assert kernel.mangle(v6=True) == []
 
 
-def test_present_sport_with_custom_table_and_priority(cell):
-    ret = cell.present(ports=[4431, 4432, 4434], method="sport", table=1234, priority=900)
+def test_present_sport_with_custom_table_and_priority(kernel):
+    ret = kernel.present(ports=[4431, 4432, 4434], method="sport", table=1234, priority=900)
     assert ret["result"] is True, ret
-    assert cell.ours() == [
+    assert kernel.ours() == [
         "900: from all ipproto tcp sport 4431-4432 lookup 1234 proto 201",
         "900: from all ipproto tcp sport 4434 lookup 1234 proto 201",
     ]
-    assert cell.routes(table=1234) == [OUR_ROUTE]
-    assert cell.mangle() == []  # no iptables at all
+    assert kernel.routes(table=1234) == [OUR_ROUTE]
+    assert kernel.mangle() == []  # no iptables at all
 
 
-def test_test_mode_changes_nothing(cell):
-    before = cell.snapshot()
-    ret = cell.present(ports=[4431, 4432], test=True)
+def test_test_mode_changes_nothing(kernel):
+    before = kernel.snapshot()
+    ret = kernel.present(ports=[4431, 4432], test=True)
     assert ret["result"] is None, ret
     assert "would be updated" in ret["comment"]
-    assert cell.snapshot() == before
-    real = cell.present(ports=[4431, 4432])
+    assert kernel.snapshot() == before
+    real = kernel.present(ports=[4431, 4432])
     assert real["changes"] == ret["changes"]  # exactly what test mode announced
 
     # A port change in test mode lists the swap, still touching nothing.
-    before = cell.snapshot()
-    ret = cell.present(ports=[4431, 4432, 4433, 4434], test=True)
+    before = kernel.snapshot()
+    ret = kernel.present(ports=[4431, 4432, 4433, 4434], test=True)
     assert ret["result"] is None
     assert ret["changes"] == {
         "added": [
             "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4434 -m comment "
-            "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff"
+            "--comment 'mtproxy-formula tproxy: probe' -j MARK --set-xmark 0x1/0xffffffff"
         ],
         "removed": [
             "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4432 -m comment "
-            "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff"
+            "--comment 'mtproxy-formula tproxy: probe' -j MARK --set-xmark 0x1/0xffffffff"
         ],
     }
-    assert cell.snapshot() == before
+    assert kernel.snapshot() == before
 
     # absent in test mode too.
-    ret = cell.absent(test=True)
+    ret = kernel.absent(test=True)
     assert ret["result"] is None
     assert len(ret["changes"]["removed"]) == 3
-    assert cell.snapshot() == before
+    assert kernel.snapshot() == before
 
 
 @pytest.mark.parametrize("method", ["mark", "sport"])
-def test_second_run_is_idempotent(cell, method):
-    assert cell.present(ports=[4431, 4432], method=method, family="both")["result"] is True
-    before = cell.snapshot()
-    ret = cell.present(ports=[4431, 4432], method=method, family="both")
+def test_second_run_is_idempotent(kernel, method):
+    assert kernel.present(ports=[4431, 4432], method=method, family="both")["result"] is True
+    before = kernel.snapshot()
+    ret = kernel.present(ports=[4431, 4432], method=method, family="both")
     assert ret["result"] is True
     assert ret["changes"] == {}
     assert "already in place" in ret["comment"]
-    assert cell.snapshot() == before
+    assert kernel.snapshot() == before
     # test mode on a host that is in place: True, not None.
-    ret = cell.present(ports=[4431, 4432], method=method, family="both", test=True)
+    ret = kernel.present(ports=[4431, 4432], method=method, family="both", test=True)
     assert (ret["result"], ret["changes"]) == (True, {})
 
 
-def test_port_set_change_mark(cell):
-    assert cell.present(ports=[4431, 4432])["result"] is True
-    ret = cell.present(ports=[4431, 4432, 4433, 4434])
+def test_port_set_change_mark(kernel):
+    assert kernel.present(ports=[4431, 4432])["result"] is True
+    ret = kernel.present(ports=[4431, 4432, 4433, 4434])
     assert ret["result"] is True
     assert ret["changes"]["added"] == [
         "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4434 -m comment "
-        "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff"
+        "--comment 'mtproxy-formula tproxy: probe' -j MARK --set-xmark 0x1/0xffffffff"
     ]
     assert ret["changes"]["removed"] == [
         "iptables -t mangle -A OUTPUT -p tcp -m multiport --sports 4431:4432 -m comment "
-        "--comment 'mtproxy-formula tproxy: cell' -j MARK --set-xmark 0x1/0xffffffff"
+        "--comment 'mtproxy-formula tproxy: probe' -j MARK --set-xmark 0x1/0xffffffff"
     ]
-    assert cell.mangle() == [_mangle_rule("4431:4434")]
-    assert cell.ours() == ["100: from all fwmark 0x1 lookup 100 proto 201"]
-    assert cell.routes() == [OUR_ROUTE]
+    assert kernel.mangle() == [_mangle_rule("4431:4434")]
+    assert kernel.ours() == ["100: from all fwmark 0x1 lookup 100 proto 201"]
+    assert kernel.routes() == [OUR_ROUTE]
 
-    ret = cell.present(ports=[4431, 4432])
+    ret = kernel.present(ports=[4431, 4432])
     assert ret["result"] is True
     assert len(ret["changes"]["added"]) == len(ret["changes"]["removed"]) == 1
-    assert cell.mangle() == [_mangle_rule("4431:4432")]
-    assert cell.ours() == ["100: from all fwmark 0x1 lookup 100 proto 201"]
-    assert cell.routes() == [OUR_ROUTE]
+    assert kernel.mangle() == [_mangle_rule("4431:4432")]
+    assert kernel.ours() == ["100: from all fwmark 0x1 lookup 100 proto 201"]
+    assert kernel.routes() == [OUR_ROUTE]
 
 
-def test_port_set_change_sport(cell):
-    assert cell.present(ports=[4431, 4432], method="sport")["result"] is True
-    ret = cell.present(ports=[4431, 4432, 4433, 4434], method="sport")
+def test_port_set_change_sport(kernel):
+    assert kernel.present(ports=[4431, 4432], method="sport")["result"] is True
+    ret = kernel.present(ports=[4431, 4432, 4433, 4434], method="sport")
     assert ret["changes"] == {
         "added": ["ip rule pref 100 ipproto tcp sport 4431-4434 lookup 100 proto 201"],
         "removed": ["ip rule pref 100 ipproto tcp sport 4431-4432 lookup 100 proto 201"],
     }
-    assert cell.ours() == ["100: from all ipproto tcp sport 4431-4434 lookup 100 proto 201"]
-    ret = cell.present(ports=[4431, 4432], method="sport")
+    assert kernel.ours() == ["100: from all ipproto tcp sport 4431-4434 lookup 100 proto 201"]
+    ret = kernel.present(ports=[4431, 4432], method="sport")
     assert ret["changes"] == {
         "added": ["ip rule pref 100 ipproto tcp sport 4431-4432 lookup 100 proto 201"],
         "removed": ["ip rule pref 100 ipproto tcp sport 4431-4434 lookup 100 proto 201"],
     }
-    assert cell.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
-    assert cell.routes() == [OUR_ROUTE]
+    assert kernel.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
+    assert kernel.routes() == [OUR_ROUTE]
 
 
-def test_method_and_family_switch_leave_nothing_stale(cell):
-    assert cell.present(ports=[4431, 4432], family="both")["result"] is True
-    assert cell.mangle(v6=True) == [_mangle_rule("4431:4432")]
-    ret = cell.present(ports=[4431, 4432], method="sport")
+def test_method_and_family_switch_leave_nothing_stale(kernel):
+    assert kernel.present(ports=[4431, 4432], family="both")["result"] is True
+    assert kernel.mangle(v6=True) == [_mangle_rule("4431:4432")]
+    ret = kernel.present(ports=[4431, 4432], method="sport")
     assert ret["result"] is True
-    assert cell.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
-    assert cell.ours(v6=True) == []
-    assert cell.routes(v6=True) == []
-    assert cell.mangle() == cell.mangle(v6=True) == []
-    assert cell.routes() == [OUR_ROUTE]
+    assert kernel.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
+    assert kernel.ours(v6=True) == []
+    assert kernel.routes(v6=True) == []
+    assert kernel.mangle() == kernel.mangle(v6=True) == []
+    assert kernel.routes() == [OUR_ROUTE]
 
 
-def test_more_than_fifteen_multiport_slots_split(cell):
+def test_more_than_fifteen_multiport_slots_split(kernel):
     ports = list(range(5000, 5040, 2))  # 20 single ports
-    ret = cell.present(ports=ports)
+    ret = kernel.present(ports=ports)
     assert ret["result"] is True, ret
     first, second = (",".join(map(str, ports[:15])), ",".join(map(str, ports[15:])))
-    assert cell.mangle() == [_mangle_rule(first), _mangle_rule(second)]
-    assert cell.present(ports=ports)["changes"] == {}
+    assert kernel.mangle() == [_mangle_rule(first), _mangle_rule(second)]
+    assert kernel.present(ports=ports)["changes"] == {}
 
 
-def test_absent_removes_exactly_ours(cell):
-    host = cell.host
-    clean = cell.snapshot()
-    assert cell.present(ports=[4431, 4432], family="both")["result"] is True
-    ours = {key: set(lines) - set(clean[key]) for key, lines in cell.snapshot().items()}
+def test_absent_removes_exactly_ours(kernel):
+    host = kernel.host
+    clean = kernel.snapshot()
+    assert kernel.present(ports=[4431, 4432], family="both")["result"] is True
+    ours = {key: set(lines) - set(clean[key]) for key, lines in kernel.snapshot().items()}
     # Foreign state added afterwards, some of it deliberately like ours: same
     # table, same mark, same priority, a comment of another state name.
     host.run(["ip", "rule", "add", "pref", "100", "fwmark", "1", "lookup", "100"])
@@ -261,17 +261,17 @@ def test_absent_removes_exactly_ours(cell):
     host.run(["ip", "route", "add", "local", "10.9.0.0/16", "dev", "lo", "table", "100"])
     host.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "200"])
     host.run([*MANGLE, "--sport", "4431", *SET_MARK_1])
-    other = ["-m", "comment", "--comment", "mtproxy-formula tproxy: cell2"]
+    other = ["-m", "comment", "--comment", "mtproxy-formula tproxy: probe2"]
     host.run([*MANGLE, "-m", "multiport", "--sports", "4431:4432", *other, *SET_MARK_1])
     host.run(["ip", "-6", "rule", "add", "pref", "100", "fwmark", "1", "lookup", "100"])
-    mixed = cell.snapshot()
+    mixed = kernel.snapshot()
 
-    ret = cell.absent()
+    ret = kernel.absent()
     assert ret["result"] is True, ret
     assert len(ret["changes"]["removed"]) == 6
-    assert cell.snapshot() == {key: [line for line in lines if line not in ours[key]] for key, lines in mixed.items()}
+    assert kernel.snapshot() == {key: [line for line in lines if line not in ours[key]] for key, lines in mixed.items()}
 
-    ret = cell.absent()
+    ret = kernel.absent()
     assert (ret["result"], ret["changes"]) == (True, {})
     assert "already absent" in ret["comment"]
 
@@ -280,84 +280,84 @@ MANGLE = ["iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp"]
 SET_MARK_1 = ["-j", "MARK", "--set-mark", "1"]
 
 
-def _assert_refused(cell, names: list[str], **kwargs) -> None:
+def _assert_refused(kernel, names: list[str], **kwargs) -> None:
     """present (real and test mode) fails, naming each foreign item, and changes nothing."""
-    before = cell.snapshot()
+    before = kernel.snapshot()
     for test in (True, False):
-        ret = cell.present(test=test, **kwargs)
+        ret = kernel.present(test=test, **kwargs)
         assert ret["result"] is False, ret
         assert ret["changes"] == {}
         assert "is already used by rules or routes that are not ours (not protocol 201)" in ret["comment"], ret
         for name in names:
             assert name in ret["comment"], ret["comment"]
-    assert cell.snapshot() == before
-    assert cell.ours() == []
+    assert kernel.snapshot() == before
+    assert kernel.ours() == []
 
 
-def test_foreign_default_route_in_the_table_is_refused(cell):
+def test_foreign_default_route_in_the_table_is_refused(kernel):
     """A multi-WAN host's default route in table 100: the kernel would answer our add with
     EEXIST; present fails naming the route instead of reporting a success without our route."""
-    host = cell.host
+    host = kernel.host
     host.run(["ip", "route", "add", "default", "via", host.client_address, "dev", host.host_if, "table", "100"])
     route = f"ip route default via {host.client_address} dev {host.host_if} table 100 proto boot"
     for method in ("mark", "sport"):
-        _assert_refused(cell, [route, "choose another table"], ports=[4431, 4432], method=method)
-    assert cell.routes() == [f"default via {host.client_address} dev {host.host_if}"]
+        _assert_refused(kernel, [route, "choose another table"], ports=[4431, 4432], method=method)
+    assert kernel.routes() == [f"default via {host.client_address} dev {host.host_if}"]
     # Another table is free: that is the way out the comment points to.
-    assert cell.present(ports=[4431, 4432], table=101)["result"] is True
-    assert cell.routes(table=101) == [OUR_ROUTE]
+    assert kernel.present(ports=[4431, 4432], table=101)["result"] is True
+    assert kernel.routes(table=101) == [OUR_ROUTE]
 
 
-def test_foreign_local_route_in_the_table_is_refused(cell):
+def test_foreign_local_route_in_the_table_is_refused(kernel):
     # Even one that looks like ours: its owner may delete it under us.
-    cell.host.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
-    _assert_refused(cell, ["ip route local default dev lo table 100 proto boot"], ports=[4431], method="sport")
+    kernel.host.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
+    _assert_refused(kernel, ["ip route local default dev lo table 100 proto boot"], ports=[4431], method="sport")
 
 
-def test_foreign_rule_on_the_mark_is_refused(cell):
-    host = cell.host
+def test_foreign_rule_on_the_mark_is_refused(kernel):
+    host = kernel.host
     host.run(["ip", "rule", "add", "fwmark", "1", "lookup", "200"])
     rule = "ip rule pref 32765 fwmark 0x1 lookup 200"
-    _assert_refused(cell, [rule, "choose another table or mark"], ports=[4431, 4432])
+    _assert_refused(kernel, [rule, "choose another table or mark"], ports=[4431, 4432])
     # Method sport uses no mark; mark 2 is free.
-    assert cell.present(ports=[4431, 4432], method="sport")["result"] is True
-    assert cell.present(ports=[4431, 4432], mark=2)["result"] is True
-    assert cell.ours() == ["100: from all fwmark 0x2 lookup 100 proto 201"]
+    assert kernel.present(ports=[4431, 4432], method="sport")["result"] is True
+    assert kernel.present(ports=[4431, 4432], mark=2)["result"] is True
+    assert kernel.ours() == ["100: from all fwmark 0x2 lookup 100 proto 201"]
 
 
-def test_foreign_rule_on_the_table_is_refused(cell):
-    cell.host.run(["ip", "-6", "rule", "add", "pref", "500", "iif", "eth9", "lookup", "100"])
-    _assert_refused(cell, ["ip -6 rule pref 500 iif eth9 lookup 100"], ports=[4431], method="sport", family="both")
+def test_foreign_rule_on_the_table_is_refused(kernel):
+    kernel.host.run(["ip", "-6", "rule", "add", "pref", "500", "iif", "eth9", "lookup", "100"])
+    _assert_refused(kernel, ["ip -6 rule pref 500 iif eth9 lookup 100"], ports=[4431], method="sport", family="both")
     # The IPv6 rule does not concern an IPv4-only return path.
-    assert cell.present(ports=[4431], method="sport")["result"] is True
+    assert kernel.present(ports=[4431], method="sport")["result"] is True
 
 
-def test_foreign_mangle_rule_setting_the_mark_is_refused(cell):
-    host = cell.host
+def test_foreign_mangle_rule_setting_the_mark_is_refused(kernel):
+    host = kernel.host
     host.run([*MANGLE, "--sport", "4431", *SET_MARK_1])
-    other = ["-m", "comment", "--comment", "mtproxy-formula tproxy: cell2"]
+    other = ["-m", "comment", "--comment", "mtproxy-formula tproxy: probe2"]
     host.run([*MANGLE, "--sport", "4432", *other, *SET_MARK_1])
     names = [
         "iptables -t mangle -A OUTPUT -p tcp -m tcp --sport 4431 -j MARK --set-xmark 0x1/0xffffffff",
-        '--comment "mtproxy-formula tproxy: cell2" -j MARK --set-xmark 0x1/0xffffffff',
+        '--comment "mtproxy-formula tproxy: probe2" -j MARK --set-xmark 0x1/0xffffffff',
     ]
-    _assert_refused(cell, names, ports=[4431, 4432])
+    _assert_refused(kernel, names, ports=[4431, 4432])
 
 
-def test_foreign_lists_only_what_is_not_ours(cell):
-    host = cell.host
+def test_foreign_lists_only_what_is_not_ours(kernel):
+    host = kernel.host
 
     def foreign(*args: str) -> list[str]:
-        return host.salt_call("tproxy.foreign", *args, config_dir=cell.config_dir)
+        return host.salt_call("tproxy.foreign", *args, config_dir=kernel.config_dir)
 
     assert foreign("1", "100") == [] and foreign("1", "100", "family=both") == []  # the kernel's own rules only
-    assert cell.present(ports=[4431, 4432], family="both")["result"] is True
-    assert foreign("1", "100", "family=both", "name=cell") == []
+    assert kernel.present(ports=[4431, 4432], family="both")["result"] is True
+    assert foreign("1", "100", "family=both", "name=probe") == []
     # Our mangle rules are recognised by the state name in their comment.
-    assert foreign("1", "100", "family=both", "name=cell2") == [
+    assert foreign("1", "100", "family=both", "name=probe2") == [
         f"{tool} -t mangle {_mangle_rule('4431:4432')}" for tool in ("iptables", "ip6tables")
     ]
-    assert cell.present(ports=[4431, 4432], method="sport", table=101)["result"] is True
+    assert kernel.present(ports=[4431, 4432], method="sport", table=101)["result"] is True
     assert foreign("mark=None", "table=101", "method=sport") == []
 
     host.run(["ip", "rule", "add", "pref", "50", "fwmark", "1", "lookup", "200"])
@@ -371,15 +371,15 @@ def test_foreign_lists_only_what_is_not_ours(cell):
     assert foreign("2", "102") == []
 
 
-def test_watchdog_reports_a_route_it_cannot_restore(cell, tmp_path):
+def test_watchdog_reports_a_route_it_cannot_restore(kernel, tmp_path):
     """The watchdog's ensure (keep_stale) skips the refusal; the kernel's EEXIST is then
     a success only if our route is there: here a foreign default route took its place."""
-    host = cell.host
-    assert cell.present(ports=[4431], method="sport")["result"] is True
+    host = kernel.host
+    assert kernel.present(ports=[4431], method="sport")["result"] is True
     host.run(["ip", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
     host.run(["ip", "route", "add", "default", "via", host.client_address, "dev", host.host_if, "table", "100"])
     config = tmp_path / "return-path.json"
-    config.write_text(json.dumps({"name": "cell", "ports": [4431], "method": "sport"}))
+    config.write_text(json.dumps({"name": "probe", "ports": [4431], "method": "sport"}))
     script = "import json, sys, tproxy; print(json.dumps(tproxy.watch_once(sys.argv[1], {})))"
     proc = host.run([str(VENV_BIN / "python"), "-c", script, str(config)], env={"PYTHONPATH": str(REPO / "_modules")})
     status = json.loads(proc.stdout.splitlines()[-1])
@@ -388,13 +388,13 @@ def test_watchdog_reports_a_route_it_cannot_restore(cell, tmp_path):
         "Cannot add `ip route local 0.0.0.0/0 dev lo table 100 proto 201`: the kernel holds a conflicting entry "
         f"that is not ours: ip route default via {host.client_address} dev {host.host_if} table 100 proto boot"
     )
-    assert cell.routes() == [f"default via {host.client_address} dev {host.host_if}"]
+    assert kernel.routes() == [f"default via {host.client_address} dev {host.host_if}"]
 
 
-def test_table_and_mark_change_leave_nothing_in_the_old_ones(cell):
-    assert cell.present(ports=[4431, 4432])["result"] is True
-    before = cell.snapshot()
-    ret = cell.present(ports=[4431, 4432], table=101, test=True)
+def test_table_and_mark_change_leave_nothing_in_the_old_ones(kernel):
+    assert kernel.present(ports=[4431, 4432])["result"] is True
+    before = kernel.snapshot()
+    ret = kernel.present(ports=[4431, 4432], table=101, test=True)
     assert ret["result"] is None, ret
     assert ret["changes"] == {
         "added": [
@@ -406,61 +406,61 @@ def test_table_and_mark_change_leave_nothing_in_the_old_ones(cell):
             "ip route local 0.0.0.0/0 dev lo table 100 proto 201",
         ],
     }
-    assert cell.snapshot() == before
+    assert kernel.snapshot() == before
     announced = ret["changes"]
-    ret = cell.present(ports=[4431, 4432], table=101)
+    ret = kernel.present(ports=[4431, 4432], table=101)
     assert (ret["result"], ret["changes"]) == (True, announced), ret
-    assert cell.routes(table=100) == []
-    assert cell.routes(table=101) == [OUR_ROUTE]
-    assert cell.ours() == ["100: from all fwmark 0x1 lookup 101 proto 201"]
-    assert cell.present(ports=[4431, 4432], table=101)["changes"] == {}
+    assert kernel.routes(table=100) == []
+    assert kernel.routes(table=101) == [OUR_ROUTE]
+    assert kernel.ours() == ["100: from all fwmark 0x1 lookup 101 proto 201"]
+    assert kernel.present(ports=[4431, 4432], table=101)["changes"] == {}
 
-    ret = cell.present(ports=[4431, 4432], table=101, mark=2)
+    ret = kernel.present(ports=[4431, 4432], table=101, mark=2)
     assert ret["result"] is True
-    assert cell.ours() == ["100: from all fwmark 0x2 lookup 101 proto 201"]
-    assert cell.mangle() == [_mangle_rule("4431:4432").replace("0x1/", "0x2/")]
+    assert kernel.ours() == ["100: from all fwmark 0x2 lookup 101 proto 201"]
+    assert kernel.mangle() == [_mangle_rule("4431:4432").replace("0x1/", "0x2/")]
 
     # absent with the old table still finds ours in the new one (and every other).
-    ret = cell.absent(table=100)
+    ret = kernel.absent(table=100)
     assert ret["result"] is True and len(ret["changes"]["removed"]) == 3, ret
-    assert cell.snapshot() == {**before, "rules": DEFAULT_RULES, "routes": [], "mangle": []}
-    assert cell.routes(table=101) == []
+    assert kernel.snapshot() == {**before, "rules": DEFAULT_RULES, "routes": [], "mangle": []}
+    assert kernel.routes(table=101) == []
 
 
-def test_ipv6(cell):
-    ret = cell.present(ports=[4431, 4432], family="ipv6")
+def test_ipv6(kernel):
+    ret = kernel.present(ports=[4431, 4432], family="ipv6")
     assert ret["result"] is True, ret
-    assert cell.ours(v6=True) == ["100: from all fwmark 0x1 lookup 100 proto 201"]
-    assert cell.routes(v6=True) == [OUR_ROUTE6]
-    assert cell.mangle(v6=True) == [_mangle_rule("4431:4432")]
-    assert cell.rules() == DEFAULT_RULES and cell.routes() == [] and cell.mangle() == []
+    assert kernel.ours(v6=True) == ["100: from all fwmark 0x1 lookup 100 proto 201"]
+    assert kernel.routes(v6=True) == [OUR_ROUTE6]
+    assert kernel.mangle(v6=True) == [_mangle_rule("4431:4432")]
+    assert kernel.rules() == DEFAULT_RULES and kernel.routes() == [] and kernel.mangle() == []
 
-    ret = cell.present(ports=[4431, 4432, 4433], family="ipv6", method="sport")
+    ret = kernel.present(ports=[4431, 4432, 4433], family="ipv6", method="sport")
     assert ret["result"] is True
-    assert cell.ours(v6=True) == ["100: from all ipproto tcp sport 4431-4433 lookup 100 proto 201"]
-    assert cell.mangle(v6=True) == []
+    assert kernel.ours(v6=True) == ["100: from all ipproto tcp sport 4431-4433 lookup 100 proto 201"]
+    assert kernel.mangle(v6=True) == []
 
-    assert cell.absent(family="ipv6")["result"] is True
-    assert cell.rules(v6=True) == DEFAULT_RULES6
-    assert cell.routes(v6=True) == []
+    assert kernel.absent(family="ipv6")["result"] is True
+    assert kernel.rules(v6=True) == DEFAULT_RULES6
+    assert kernel.routes(v6=True) == []
 
 
-def test_check_and_ensure_for_a_watchdog(cell):
+def test_check_and_ensure_for_a_watchdog(kernel):
     """The execution module restores what a firewall reload flushed."""
-    host = cell.host
+    host = kernel.host
 
     def call(*args):
-        return host.salt_call(*args, config_dir=cell.config_dir)
+        return host.salt_call(*args, config_dir=kernel.config_dir)
 
-    assert cell.present(ports=[4431, 4432])["result"] is True
-    assert call("tproxy.check", "cell", "ports=[4431, 4432]") == {"ok": True, "missing": [], "stale": []}
+    assert kernel.present(ports=[4431, 4432])["result"] is True
+    assert call("tproxy.check", "probe", "ports=[4431, 4432]") == {"ok": True, "missing": [], "stale": []}
     host.run(["iptables", "-t", "mangle", "-F", "OUTPUT"])
-    report = call("tproxy.check", "cell", "ports=[4431, 4432]")
+    report = call("tproxy.check", "probe", "ports=[4431, 4432]")
     assert report["ok"] is False
     assert len(report["missing"]) == 1 and "--sports 4431:4432" in report["missing"][0]
-    assert cell.mangle() == []
-    assert call("tproxy.ensure", "cell", "ports=[4431, 4432]") == {"added": report["missing"]}
-    assert cell.mangle() == [_mangle_rule("4431:4432")]
+    assert kernel.mangle() == []
+    assert call("tproxy.ensure", "probe", "ports=[4431, 4432]") == {"added": report["missing"]}
+    assert kernel.mangle() == [_mangle_rule("4431:4432")]
 
 
 @pytest.mark.parametrize(
@@ -479,25 +479,25 @@ def test_check_and_ensure_for_a_watchdog(cell):
         ),
     ],
 )
-def test_errors(cell, kwargs, cause):
-    before = cell.snapshot()
+def test_errors(kernel, kwargs, cause):
+    before = kernel.snapshot()
     args = {"ports": [4431, 4432], **kwargs}
     for test in (False, True):
-        ret = cell.present(test=test, **args)
+        ret = kernel.present(test=test, **args)
         assert ret["result"] is False, ret
         assert cause in ret["comment"], ret["comment"]
         assert ret["changes"] == {}
-    assert cell.snapshot() == before
+    assert kernel.snapshot() == before
 
 
-def test_missing_iptables_is_fine_for_method_sport(cell):
-    ret = cell.present(ports=[4431], method="sport", iptables="/nonexistent/iptables")
+def test_missing_iptables_is_fine_for_method_sport(kernel):
+    ret = kernel.present(ports=[4431], method="sport", iptables="/nonexistent/iptables")
     assert ret["result"] is True, ret
 
 
-def test_error_without_netlink_permission(cell):
+def test_error_without_netlink_permission(kernel):
     """Root without CAP_NET_ADMIN: the kernel refuses, the comment says why."""
-    host = cell.host
+    host = kernel.host
     cmd = [
         "setpriv",
         "--inh-caps=-net_admin",
@@ -505,12 +505,12 @@ def test_error_without_netlink_permission(cell):
         str(VENV_BIN / "salt-call"),
         "--local",
         "--config-dir",
-        str(cell.config_dir),
+        str(kernel.config_dir),
         "--out=json",
         "--log-level=quiet",
         "state.single",
         "tproxy.present",
-        "name=cell",
+        "name=probe",
         "ports=[4431]",
         "method=sport",
     ]
@@ -521,7 +521,7 @@ def test_error_without_netlink_permission(cell):
         "No permission to add `ip route local 0.0.0.0/0 dev lo table 100 proto 201` through netlink" in (ret["comment"])
     )
     assert "CAP_NET_ADMIN" in ret["comment"]
-    assert cell.routes() == [] and cell.ours() == []
+    assert kernel.routes() == [] and kernel.ours() == []
 
 
 # -- data path: HAProxy usesrc clientip through the return path -------------------------------
@@ -649,8 +649,8 @@ def datapath(netns_host, tmp_path):
     [("mark", "host"), ("sport", "host"), ("sport", "127.0.0.1")],
     ids=["mark-host-address", "sport-host-address", "sport-loopback"],
 )
-def test_datapath_backends_see_the_client(cell, datapath, method, backend):
-    host = cell.host
+def test_datapath_backends_see_the_client(kernel, datapath, method, backend):
+    host = kernel.host
     backend_addr = host.address if backend == "host" else backend
     ports = [4431, 4432]
     datapath.start(backend_addr, ports)
@@ -658,25 +658,25 @@ def test_datapath_backends_see_the_client(cell, datapath, method, backend):
     # Without the return path the backends' replies leave the host: nothing comes back.
     assert datapath.connect(2) == ["EMPTY", "EMPTY"], datapath.logs()
 
-    assert cell.present(ports=ports, method=method)["result"] is True
+    assert kernel.present(ports=ports, method=method)["result"] is True
     replies = datapath.connect(4)
     assert sorted(replies) == sorted(f"{port} {host.client_address}" for port in ports * 2), datapath.logs()
 
     # And it is the state that made the difference: gone again after absent.
-    assert cell.absent()["result"] is True
+    assert kernel.absent()["result"] is True
     assert datapath.connect(1) == ["EMPTY"]
 
 
-def test_datapath_mark_does_not_reach_loopback_backends(cell, datapath):
+def test_datapath_mark_does_not_reach_loopback_backends(kernel, datapath):
     """docs/measurements.md §2: a 127.0.0.1 source is routed before mangle OUTPUT marks it; method sport is the fix."""
     datapath.start("127.0.0.1", [4431, 4432])
-    assert cell.present(ports=[4431, 4432], method="mark")["result"] is True
+    assert kernel.present(ports=[4431, 4432], method="mark")["result"] is True
     assert datapath.connect(1) == ["EMPTY"]
-    assert cell.present(ports=[4431, 4432], method="sport")["result"] is True
-    assert sorted(datapath.connect(2)) == [f"4431 {cell.host.client_address}", f"4432 {cell.host.client_address}"]
+    assert kernel.present(ports=[4431, 4432], method="sport")["result"] is True
+    assert sorted(datapath.connect(2)) == [f"4431 {kernel.host.client_address}", f"4432 {kernel.host.client_address}"]
 
 
-def test_sls_with_watch(cell, tmp_path):
+def test_sls_with_watch(kernel, tmp_path):
     """In an SLS, with a ``watch`` that fires: the state converges as it does
     without one (no mod_watch: present already restores whatever is missing)."""
     (tmp_path / "tp.sls").write_text(
@@ -686,17 +686,17 @@ Something the return path watches changed:
 
 Replies of the replicas return to HAProxy:
   tproxy.present:
-    - name: cell
+    - name: probe
     - ports: [4431, 4432]
     - method: sport
     - watch:
       - test: Something the return path watches changed
 """
     )
-    config_dir = cell.host.minion_config(
+    config_dir = kernel.host.minion_config(
         module_dirs=[str(REPO / "_modules")], states_dirs=[str(REPO / "_states")], file_roots={"base": [str(tmp_path)]}
     )
-    out = cell.host.salt_call("state.apply", "tp", config_dir=config_dir)
+    out = kernel.host.salt_call("state.apply", "tp", config_dir=config_dir)
     ret = next(v for k, v in out.items() if k.startswith("tproxy_"))
     assert ret["result"] is True, ret
     assert ret["changes"] == {
@@ -705,11 +705,11 @@ Replies of the replicas return to HAProxy:
             "ip rule pref 100 ipproto tcp sport 4431-4432 lookup 100 proto 201",
         ]
     }
-    assert cell.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
-    assert cell.routes() == [OUR_ROUTE]
+    assert kernel.ours() == ["100: from all ipproto tcp sport 4431-4432 lookup 100 proto 201"]
+    assert kernel.routes() == [OUR_ROUTE]
 
     # Again, with the watched state changing again: nothing left to do.
-    out = cell.host.salt_call("state.apply", "tp", config_dir=config_dir)
+    out = kernel.host.salt_call("state.apply", "tp", config_dir=config_dir)
     ret = next(v for k, v in out.items() if k.startswith("tproxy_"))
     assert (ret["result"], ret["changes"]) == (True, {}), ret
     assert "already in place" in ret["comment"]
