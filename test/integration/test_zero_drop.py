@@ -167,8 +167,9 @@ def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
         assert all(on_removed.values()), f"no long-lived connection on a replica to remove: {on_removed}"
         # test=True only announces the drains: the replicas keep serving.
         would = changed(apply(host, two, test=True))
-        assert {"Extra replica mtproxy_3 is drained", "Extra replica mtproxy_4 is drained"} <= set(would)
-        assert servers(host, four)["mtproxy_3"]["status"] == "UP"
+        for name in on_removed:
+            assert would[f"Extra replica {name} is drained"] == {"state": {"old": "ready", "new": "drain"}}, would
+        assert {n: servers(host, four)[n]["status"] for n in on_removed} == {n: "UP" for n in on_removed}
 
         watch = ServerWatch(host, four)
         result = apply(host, two)
@@ -180,7 +181,7 @@ def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
         load.kill()
     by_id = {v["__id__"]: v for v in result.values()}
     drains = {n: by_id[f"Extra replica {n} is drained"] for n in ("mtproxy_3", "mtproxy_4")}
-    outcomes = {n: d["changes"]["haproxy_runtime.drain"] for n, d in drains.items()}
+    outcomes = {n: d["changes"] for n, d in drains.items()}
     print(
         "\nscale-down:",
         json.dumps(
@@ -193,9 +194,10 @@ def test_scale_down_drains_the_removed_replicas_and_reports_what_was_left(cell):
         ),
     )
     for name, outcome in outcomes.items():
-        assert outcome["server"] == f"mtproxy_replicas/{name}"
+        assert drains[name]["comment"].startswith(f"mtproxy_replicas/{name} drained: no new clients;")
+        assert outcome["state"] == {"old": "ready", "new": "drain"}, outcome
         # The long-lived clients outlast the 5 s drain_timeout: the output says how many were left.
-        assert outcome["sessions_left"] > 0 and outcome["drained"] is False
+        assert outcome["sessions"]["old"] > 0 and outcome["sessions"]["new"] > 0, outcome
     # No new connection reached a replica once it was draining.
     assert set(watch.drain_stot) >= {"mtproxy_3", "mtproxy_4"}, watch.drain_stot
     for name, (first, last) in watch.drain_stot.items():
@@ -234,7 +236,7 @@ def test_option_change_replaces_replicas_one_at_a_time_under_load(cell):
         load.kill()
     by_id = {v["__id__"]: v for v in result.values()}
     drains = {
-        name: by_id[f"Replica {name} is drained before it is replaced"]["changes"]["haproxy_runtime.drain"]
+        name: by_id[f"Replica {name} is drained before it is replaced"]["changes"]
         for name in ("mtproxy_1", "mtproxy_2")
     }
     print(
@@ -258,6 +260,7 @@ def test_option_change_replaces_replicas_one_at_a_time_under_load(cell):
     ]
     assert order == sorted(order)
     assert watch.polls > 0 and watch.fewest_up >= 1
+    assert all(drain["state"] == {"old": "ready", "new": "drain"} for drain in drains.values()), drains
     # The watcher saw the rollout itself: both replicas in DRAIN at some poll.
     assert {"mtproxy_1", "mtproxy_2"} <= set(watch.drain_stot), watch.drain_stot
     assert report["new"]["attempted"] > 0
