@@ -223,7 +223,7 @@ def primary_ipv4(key: str = "backend_address") -> str:
 
 def resolve(settings: dict, generate_secret: bool = True) -> dict:
     """
-    Validate the layered settings (map.jinja) and derive what the states need.
+    Validate the layered settings (:func:`layered`) and derive what the states need.
 
     Every key is checked against the pillar schema first
     (``mtproxy_schema.validate``: types, ranges, names, paths, control
@@ -241,9 +241,31 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
         salt '*' mtproxy.resolve '{"replicas": 2, ...}'
     """
     settings = __salt__["mtproxy_schema.validate"](settings)
-    replicas, base_port = settings["replicas"], settings["base_port"]
-    ports = list(range(base_port, base_port + replicas))
-    haproxy, tproxy = settings["haproxy"], settings["tproxy"]
+    ports = list(range(settings["base_port"], settings["base_port"] + settings["replicas"]))
+    capabilities = _flavor_capabilities(settings)
+    _check_stats_ports(settings, ports)
+    modes, extra_secrets = _flavor_options(settings, capabilities)
+    backend_address, public_host = _addresses(settings)
+    _check_ephemeral_ports(settings, ports)
+    _check_foreign_routing(settings)
+    secret = _main_secret(settings, extra_secrets, generate_secret)
+    settings.update(
+        {
+            "ports": ports,
+            "replica_config_mount": REPLICA_CONFIG_MOUNT,
+            "secret": secret,
+            "secrets": [secret, *extra_secrets],
+            "modes": modes,
+            "backend_address": backend_address,
+            "public_host": public_host,
+            "docker_host": settings["docker_host"] or __salt__["config.option"]("docker.url", "") or "",
+        }
+    )
+    return _derive_paths(settings, ports)
+
+
+def _flavor_capabilities(settings: dict) -> dict[str, Any]:
+    """What the flavor can do (:data:`FLAVORS`), after refusing a client_ip it cannot take; sets the default image."""
     flavor, client_ip = settings["flavor"], settings["client_ip"]
     capabilities = FLAVORS[flavor]
     if client_ip not in capabilities["client_ip"]:
@@ -253,17 +275,23 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             f"flavor {flavor} does not accept the PROXY protocol; use tproxy, or flavor mtprotoproxy or mtg",
         )
     settings["image"] = settings["image"] or capabilities["image"]
+    return capabilities
+
+
+def _check_stats_ports(settings: dict, ports: list[int]) -> None:
     # Every flavor serves its local stats there (the cell exporter reads them).
     if ports[-1] + OFFICIAL_STATS_OFFSET > 65535:
         _fail(
             "base_port",
-            base_port,
+            settings["base_port"],
             f"each replica also uses port+{OFFICIAL_STATS_OFFSET} (local stats, 127.0.0.1); "
-            f"use a base_port up to {65535 - OFFICIAL_STATS_OFFSET - replicas + 1}",
+            f"use a base_port up to {65535 - OFFICIAL_STATS_OFFSET - settings['replicas'] + 1}",
         )
-    server_options = haproxy["health_check"]["options"] or HEALTH_CHECK_PROFILES[haproxy["health_check"]["profile"]]
 
-    tls_domain = settings["tls_domain"]
+
+def _flavor_options(settings: dict, capabilities: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The modes served and the extra secrets, after refusing the settings the flavor has no use for."""
+    flavor, tls_domain = settings["flavor"], settings["tls_domain"]
     if tls_domain and "tls" not in capabilities["modes"]:
         _fail("tls_domain", tls_domain, f"flavor {flavor} has no fake-TLS; leave it empty")
     modes = _modes(settings, flavor, capabilities["modes"], tls_domain)
@@ -272,17 +300,23 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
     ad_tag = settings["ad_tag"]
     if ad_tag and not capabilities["ad_tag"]:
         _fail("ad_tag", ad_tag, f"flavor {flavor} has no ad tag (promoted channel); leave it empty")
-    extra_secrets = _extra_secrets(settings, flavor, capabilities["max_secrets"])
+    return modes, _extra_secrets(settings, flavor, capabilities["max_secrets"])
 
+
+def _addresses(settings: dict) -> tuple[str, str]:
+    """The address the replicas listen on (checked against the families) and the host in the links."""
+    client_ip = settings["client_ip"]
     # With the PROXY protocol a replica believes any header it is sent: only
     # HAProxy on this host may reach it.
     default_backend = "127.0.0.1" if client_ip == "proxy_protocol" else ""
     backend_address = settings["backend_address"] or default_backend or primary_ipv4()
     _check_families(settings, backend_address)
     public_host = settings["public_host"] or (backend_address if client_ip == "tproxy" else primary_ipv4("public_host"))
-    _check_ephemeral_ports(settings, ports)
-    _check_foreign_routing(settings)
+    return backend_address, public_host
 
+
+def _main_secret(settings: dict, extra_secrets: list[str], generate_secret: bool) -> str:
+    """``mtproxy:secret``, else the one generated and kept in secret_file (empty when not generating)."""
     secret = settings["secret"]
     if secret:
         secret = validate_secret(secret)
@@ -290,12 +324,15 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
         secret = generated_secret(settings["secret_file"])
     if secret in extra_secrets:
         _fail("extra_secrets", HIDDEN, "every secret must differ from the others and from mtproxy:secret")
-    docker_host = settings["docker_host"] or __salt__["config.option"]("docker.url", "") or ""
+    return secret
 
-    config_dir, run_dir = settings["config_dir"], settings["run_dir"]
+
+def _derive_paths(settings: dict, ports: list[int]) -> dict:
+    """``settings`` plus the replica list, HAProxy's folders, sockets and server options, the return path's ports."""
+    config_dir, run_dir, haproxy = settings["config_dir"], settings["run_dir"], settings["haproxy"]
     haproxy_config_dir = f"{config_dir}/haproxy"
     haproxy_run_dir = f"{run_dir}/haproxy"
-    replica_list = [
+    settings["replica_list"] = [
         {
             "name": f"{REPLICA_PREFIX}{index}",
             "index": index,
@@ -306,9 +343,10 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
         }
         for index, port in enumerate(ports, start=1)
     ]
+    health_check = haproxy["health_check"]
     haproxy.update(
         {
-            "server_options": server_options,
+            "server_options": health_check["options"] or HEALTH_CHECK_PROFILES[health_check["profile"]],
             "config_dir": haproxy_config_dir,
             "config_file": f"{haproxy_config_dir}/haproxy.cfg",
             "run_dir": haproxy_run_dir,
@@ -320,20 +358,7 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
             "run_mount": HAPROXY_RUN_MOUNT,
         }
     )
-    tproxy["ports"] = ports
-    settings.update(
-        {
-            "ports": ports,
-            "replica_list": replica_list,
-            "replica_config_mount": REPLICA_CONFIG_MOUNT,
-            "secret": secret,
-            "secrets": [secret, *extra_secrets],
-            "modes": modes,
-            "backend_address": backend_address,
-            "public_host": public_host,
-            "docker_host": docker_host,
-        }
-    )
+    settings["tproxy"]["ports"] = ports
     return settings
 
 
@@ -599,10 +624,24 @@ def refuse_live_restart(cell: dict) -> None:
     - ``haproxy:container`` (a rename): the new container could not bind the
       frontend while the old one holds it. Refused on a live cell.
     """
-    haproxy = cell["haproxy"]
+    live = _live_haproxy(cell["haproxy"])
+    if live is None or cell["haproxy"].get("allow_restart"):
+        return
+    container, binds, loaded = live
+    _refuse_client_ip_switch(cell, loaded)
+    _refuse_other_folders(cell, binds)
+    _refuse_other_image(cell["haproxy"], container)
+
+
+def _live_haproxy(haproxy: dict) -> tuple[dict, dict[str, str], str] | None:
+    """
+    The live HAProxy container (inspected), its bind mounts (host folder ->
+    where HAProxy sees it) and the config it loaded; None without one.
+    Refuses a rename (``haproxy:container``), allowed restart or not.
+    """
     live = _labelled("haproxy")
     if not live:
-        return
+        return None
     names = [n.lstrip("/") for n in live[0].get("Names") or []]
     if haproxy["container"] not in names:
         _fail(
@@ -613,25 +652,31 @@ def refuse_live_restart(cell: dict) -> None:
             "(mtproxy.clean with the old name)",
         )
     container = __salt__["docker.inspect_container"](names[0])
-    # host folder -> where HAProxy sees it
     binds = dict(bind.split(":")[:2] for bind in (container.get("HostConfig") or {}).get("Binds") or [])
     config_folder = next((host for host, inside in binds.items() if inside == HAPROXY_CONFIG_MOUNT), None)
     try:
         loaded = pathlib.Path(config_folder or "/nonexistent", "haproxy.cfg").read_text(encoding="utf-8")
     except OSError:
         loaded = ""
-    if haproxy.get("allow_restart"):
+    return container, binds, loaded
+
+
+def _refuse_client_ip_switch(cell: dict, loaded: str) -> None:
+    if not loaded:
         return
-    if loaded:
-        live_mode = "proxy_protocol" if "send-proxy-v2" in loaded else "tproxy"
-        if live_mode != cell["client_ip"]:
-            _fail(
-                "client_ip",
-                cell["client_ip"],
-                f"the live cell runs {live_mode}, and a switch cannot roll one replica at a time (HAProxy sends "
-                "PROXY headers to every replica or to none): new connections fail until the last replica and "
-                "HAProxy are switched. Set mtproxy:haproxy:allow_restart: true for this apply to accept that",
-            )
+    live_mode = "proxy_protocol" if "send-proxy-v2" in loaded else "tproxy"
+    if live_mode != cell["client_ip"]:
+        _fail(
+            "client_ip",
+            cell["client_ip"],
+            f"the live cell runs {live_mode}, and a switch cannot roll one replica at a time (HAProxy sends "
+            "PROXY headers to every replica or to none): new connections fail until the last replica and "
+            "HAProxy are switched. Set mtproxy:haproxy:allow_restart: true for this apply to accept that",
+        )
+
+
+def _refuse_other_folders(cell: dict, binds: dict[str, str]) -> None:
+    haproxy = cell["haproxy"]
     for key, folder in (("config_dir", haproxy["config_dir"]), ("run_dir", haproxy["run_dir"])):
         if binds and folder not in binds:
             _fail(
@@ -640,6 +685,9 @@ def refuse_live_restart(cell: dict) -> None:
                 "the live HAProxy container mounts another folder, and a new one means a new container, which "
                 "cuts every connection it holds: keep it, or set mtproxy:haproxy:allow_restart: true for this apply",
             )
+
+
+def _refuse_other_image(haproxy: dict, container: dict) -> None:
     try:
         wanted = __salt__["docker.inspect_image"](haproxy["image"])["Id"]
     except Exception:  # not here: the state's pull fails before it touches the container

@@ -139,14 +139,15 @@ def check(
 
 def resolve(settings: dict[str, Any], bootstrapping: bool = False) -> dict[str, Any]:
     """
-    ``mtproxy.resolve`` behind :func:`check`, in one call (map.jinja's).
+    ``mtproxy.resolve`` behind :func:`check`, in one call (``mtproxy.settings``').
 
     The check comes first, so an apply refused there has not generated the
     secret; the bootstrap generates none. ``boot:python``, when empty, becomes
     the Python that runs Salt now: salt-ssh caches grains for an hour, so
     ``pythonexecutable`` can still name the system python3 after the
-    bootstrap moved Salt into the venv. One call, not two: under salt-ssh each
-    call from a template is a round trip over ssh.
+    bootstrap moved Salt into the venv. One call, not two: under salt-ssh
+    ``mtproxy.settings`` runs on the master, and each call to the target is a
+    round trip over ssh.
 
     CLI Example:
 

@@ -10,9 +10,11 @@ sample roster and master config (examples/); only paths are test paths:
     salt-ssh HOST state.apply mtproxy.bootstrap  # the venv with the modules
     salt-ssh HOST state.apply mtproxy            # the cell
     salt-ssh HOST state.apply mtproxy            # no changes
-    salt-ssh HOST slsutil.renderer salt://mtproxy/templates/links.jinja default_renderer='jinja|json'
+    salt-ssh HOST mtproxy.links                  # the full links
 
-The bootstrap's venv lives in the test host's workdir (pillar
+The test's master config is examples/master.conf with test paths (its
+``module_dirs``, the checkout, is what lets salt-ssh run the formula's
+wrapper module, _wrapper/mtproxy.py, on this side). The bootstrap's venv lives in the test host's workdir (pillar
 ``mtproxy:python_packages:venv``, and the roster's ``set_path``), and pip
 installs from a folder of wheels repacked from the project venv
 (``python_packages:find_links``): the test host has no route to PyPI, and the
@@ -25,6 +27,7 @@ Wall times are printed (``-s``), never asserted.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -169,12 +172,28 @@ def test_bootstrap_then_apply_serves_and_a_rerun_changes_nothing(bare):
     again = timed("salt-ssh no-change apply", run, "state.apply", "mtproxy")
     assert changed(state_results(again, host.name)) == {}
 
-    # mtproxy.links renders map.jinja on the target, which salt-ssh leaves without
-    # file_roots: salt-ssh's slsutil.renderer renders the links template on this side.
-    links = run("slsutil.renderer", "salt://mtproxy/templates/links.jinja", "default_renderer=jinja|json").get(
-        host.name
-    )
-    assert isinstance(links, list), (links.get("stderr") or links)[-3000:] if isinstance(links, dict) else links
-    secret = Path(pillar["mtproxy"]["secret_file"]).read_text().strip()
-    assert links and all(link["tg"].startswith(f"tg://proxy?server={host.address}&port=8443&") for link in links)
-    assert all(secret in link["tg"] for link in links), links
+    # The README's links command: links for the deployed cell, the secret in full.
+    links = timed("salt-ssh mtproxy.links", run, "mtproxy.links").get(host.name)
+    assert isinstance(links, list) and links, links
+    print(f"\n[links] {len(links)}: {links[0]['tg'].split('secret=')[0]}secret=...")
+    deployed = host_serves(host, pillar)
+    expected = f"?server={host.address}&port={deployed['port']}&secret=dd{deployed['secret']}"
+    assert [(link["mode"], link["tg"], link["https"]) for link in links] == [
+        ("secure", "tg://proxy" + expected, "https://t.me/proxy" + expected)
+    ], links
+    # The debugging view hides the secret.
+    shown = run("mtproxy.settings").get(host.name)
+    assert isinstance(shown, dict) and shown["secret"] == "<hidden>", shown
+    assert deployed["secret"] not in json.dumps(shown)
+
+
+def host_serves(host, pillar: dict) -> dict:
+    """The frontend port HAProxy listens on and the secret the replicas serve, read on the host."""
+    config = Path(pillar["mtproxy"]["config_dir"])
+    bind = re.search(r"^\s*bind\s+\S+:(\d+)", (config / "haproxy" / "haproxy.cfg").read_text(), re.M)
+    assert bind, "no bind line in haproxy.cfg"
+    port = int(bind[1])
+    assert host.run(["ss", "-Htln", f"sport = :{port}"]).stdout.strip(), f"nothing listens on {port}"
+    served = re.search(r'"tg": "([0-9a-f]{32})"', (config / "replicas" / "mtproxy_1" / "config.py").read_text())
+    assert served, "no secret in mtproxy_1's config"
+    return {"port": port, "secret": served[1]}

@@ -9,6 +9,7 @@ errors stopping a real apply before anything changes."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,145 @@ def test_any_value_is_accepted_or_refused_clearly(changes):
         mtproxy.resolve(settings(**changes))
     except mtproxy.SettingsError as error:
         assert str(error).startswith("Pillar mtproxy:")
+
+
+# -- mtproxy.settings: the layering, the masked debugging view -----------------------
+
+PARAMETERS = REPO / "mtproxy" / "parameters"
+
+
+def file_server(url: str) -> str | bool:
+    """``cp.get_file_str`` over the checkout's mtproxy/ folder: False for a missing file, as Salt's."""
+    path = REPO / url.removeprefix("salt://")
+    return path.read_text() if path.is_file() else False
+
+
+@pytest.fixture
+def salt_side(monkeypatch, loader_stubs):
+    """What settings() asks Salt for: the file server, grains, pillar and mtproxy_bootstrap.resolve."""
+    pillar: dict = {"mtproxy": {"secret_file": str(loader_stubs)}}
+    calls: list[bool] = []
+
+    def bootstrap_resolve(layered: dict, bootstrapping: bool = False) -> dict:
+        calls.append(bootstrapping)
+        return mtproxy.resolve(layered, generate_secret=not bootstrapping)
+
+    def pillar_get(key: str, default=None):
+        return pillar.get(key, default)
+
+    grains = {"os_family": "Debian"}
+    for name, function in {
+        "cp.get_file_str": file_server,
+        "grains.get": lambda key, default="": grains.get(key, default),
+        "pillar.get": pillar_get,
+        "mtproxy_bootstrap.resolve": bootstrap_resolve,
+    }.items():
+        monkeypatch.setitem(mtproxy.__salt__, name, function)
+    return pillar, grains, calls
+
+
+def test_layers_defaults_then_os_family_then_lookup_then_pillar(salt_side):
+    pillar, grains, _ = salt_side
+    pillar["mtproxy"].update(
+        {"replicas": 3, "haproxy": {"stats_port": 8500}, "lookup": {"replicas": 5, "haproxy": {"maxconn": 999}}}
+    )
+    layered = mtproxy.layered()
+    assert layered["replicas"] == 3  # the pillar over its lookup
+    assert layered["haproxy"]["maxconn"] == 999  # lookup over the defaults, key by key
+    assert layered["haproxy"]["stats_port"] == 8500
+    assert layered["haproxy"]["frontend_port"] == DEFAULTS["haproxy"]["frontend_port"]
+    assert "lookup" not in layered
+    debian = yaml.safe_load((PARAMETERS / "os_family" / "Debian.yaml").read_text())["mtproxy"]
+    for key, value in debian.items():
+        assert layered[key] == (mtproxy.merged(DEFAULTS[key], value) if isinstance(value, dict) else value)
+    # A family without a file of its own gets Debian's, as before.
+    grains["os_family"] = "Arch"
+    assert mtproxy.layered() == layered
+
+
+def test_lists_are_replaced_not_merged():
+    assert mtproxy.merged({"a": [1, 2], "b": {"c": 1, "d": 2}}, {"a": [3], "b": {"d": 4}}) == {
+        "a": [3],
+        "b": {"c": 1, "d": 4},
+    }
+
+
+def test_a_formula_missing_from_the_file_server_is_named(salt_side, monkeypatch):
+    monkeypatch.setitem(mtproxy.__salt__, "cp.get_file_str", lambda url: False)
+    with pytest.raises(mtproxy.CommandExecutionError, match="salt://mtproxy/parameters/"):
+        mtproxy.settings()
+
+
+def test_settings_hide_every_credential_unless_asked(salt_side):
+    pillar, _, _ = salt_side
+    extra = "3c09c680b76ee91a4c25ad51f742267d"
+    pillar["mtproxy"].update(
+        {
+            "secret": SECRET,
+            "extra_secrets": [extra],
+            "haproxy": {"stats_auth": "ops:correct-horse-battery"},
+            "exporter": {"auth": "prom:staple-battery-horse"},
+        }
+    )
+    shown = mtproxy.settings()
+    assert shown["secret"] == "<hidden>" and shown["extra_secrets"] == ["<hidden>"]
+    assert shown["secrets"] == ["<hidden>", "<hidden>"]
+    assert shown["haproxy"]["stats_auth"] == "<hidden>" and shown["exporter"]["auth"] == "<hidden>"
+    text = json.dumps(shown)
+    for hidden in (SECRET, extra, "correct-horse-battery", "staple-battery-horse"):
+        assert hidden not in text
+    assert shown["replica_list"][0]["name"] == "mtproxy_1"  # the rest as it is
+    full = mtproxy.settings(show_secrets=True)
+    assert full["secrets"] == [SECRET, extra]
+    assert full["haproxy"]["stats_auth"] == "ops:correct-horse-battery"
+
+
+def test_an_empty_secret_stays_empty_in_the_masked_view(salt_side):
+    # The bootstrap renders without making a secret: nothing to hide, and "" says so.
+    shown = mtproxy.settings(bootstrapping=True)
+    assert shown["secret"] == "" and shown["haproxy"]["stats_auth"] == ""
+
+
+def test_every_call_gives_the_same_generated_secret(salt_side, loader_stubs):
+    first = mtproxy.settings(show_secrets=True)["secret"]
+    assert loader_stubs.read_text().strip() == first
+    assert mtproxy.settings(show_secrets=True)["secret"] == first
+    assert mtproxy.links()[0]["tg"].endswith(f"&secret=dd{first}")
+
+
+def test_under_test_mode_the_unkept_secret_is_the_same_for_the_whole_run(salt_side, monkeypatch, loader_stubs):
+    monkeypatch.setitem(mtproxy.__opts__, "test", True)
+    first = mtproxy.settings(show_secrets=True)["secret"]
+    assert mtproxy.settings(show_secrets=True)["secret"] == first
+    assert not loader_stubs.exists()
+
+
+def test_the_bootstrap_renders_without_refusal_or_secret(salt_side, loader_stubs):
+    _, _, calls = salt_side
+    assert mtproxy.settings(bootstrapping=True)["secret"] == ""
+    assert calls == [True] and not loader_stubs.exists()
+    mtproxy.settings()
+    assert calls == [True, False]
+
+
+def test_masked_links_hide_the_secret_but_keep_its_start(salt_side):
+    pillar, _, _ = salt_side
+    pillar["mtproxy"]["secret"] = SECRET
+    (link,) = mtproxy.links(masked=True)
+    assert SECRET not in link["tg"] and f"secret=dd{SECRET[:4]}" in link["tg"]
+    cell = mtproxy.settings(show_secrets=True)
+    assert mtproxy.links(cell=cell) == mtproxy.links()
+
+
+def test_the_os_family_file_wins_over_the_defaults_and_loses_to_lookup(salt_side, monkeypatch):
+    pillar, _, _ = salt_side
+
+    def with_family_file(url: str) -> str | bool:
+        if url.endswith("/os_family/Debian.yaml"):
+            return "mtproxy:\n  replicas: 4\n  haproxy:\n    maxconn: 777\n"
+        return file_server(url)
+
+    monkeypatch.setitem(mtproxy.__salt__, "cp.get_file_str", with_family_file)
+    assert (mtproxy.layered()["replicas"], mtproxy.layered()["haproxy"]["maxconn"]) == (4, 777)
+    pillar["mtproxy"]["lookup"] = {"replicas": 5}
+    assert (mtproxy.layered()["replicas"], mtproxy.layered()["haproxy"]["maxconn"]) == (5, 777)
