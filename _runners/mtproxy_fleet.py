@@ -116,7 +116,8 @@ def cell_problems(status: Any) -> list[str]:
             )
     return_path = status.get("return_path") or {}
     if return_path.get("ok") is False:
-        problems.append(f"return path: missing {return_path.get('missing')}, {return_path.get('error') or ''}".strip())
+        error = f", {return_path['error']}" if return_path.get("error") else ""
+        problems.append(f"return path: missing {return_path.get('missing')}{error}")
     return problems
 
 

@@ -80,6 +80,11 @@ The roll stops at {{ minion }} when it fails there:
       - salt: Modules on {{ minion }} are synced from the master
       - salt: mtproxy is applied on {{ minion }}
       - salt: Cell on {{ minion }} serves
+{%-       if previous %}
+    # Not when the roll stopped before this host (onfail alone would fire then).
+    - require:
+      - salt: Cell on {{ previous }} serves
+{%-       endif %}
 {%-     endif %}
 {%-   endfor %}
 {%- endif %}
