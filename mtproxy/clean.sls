@@ -14,6 +14,7 @@
 include:
   - .return_path.clean
   - .exporter.clean
+  - .vip.clean
 
 HAProxy container is removed:
   docker_container.absent:

@@ -159,13 +159,22 @@ def replica_peers(host: TestHost, ports: list[int], connections: int = 20) -> di
     """Open ``connections`` from the client namespace through the frontend, hold
     them, and return the peer addresses each replica port sees (``ss`` inside
     the test host)."""
+    return peers_through(host, ports, host.nsenter(client=True), host.address, connections)
+
+
+def peers_through(
+    host: TestHost, ports: list[int], prefix: list[str], address: str, connections: int = 20
+) -> dict[int, list[str]]:
+    """:func:`replica_peers` for a client run with the command ``prefix``
+    (e.g. another namespace's nsenter) connecting to ``address`` (e.g. a
+    floating address that ``host`` holds)."""
     client = subprocess.Popen(
         [
-            *host.nsenter(client=True),
+            *prefix,
             sys.executable,
             "-c",
             HOLD_CLIENT,
-            host.address,
+            address,
             str(FRONTEND_PORT),
             str(connections),
         ],
@@ -378,3 +387,84 @@ def replays_detected(host: TestHost, count: int, since: float, wait: float = 5) 
         if seen or time.monotonic() > deadline:
             return seen
         time.sleep(0.3)
+
+
+# -- floating addresses (mtproxy.vip) -------------------------------------------
+
+KEEPALIVED = "mtproxy_keepalived"
+# keepalived logs every state change of a VRRP instance (one per address).
+VRRP_STATE = re.compile(r"\((mtproxy_[0-9]+)\) Entering (MASTER|BACKUP|FAULT) STATE")
+
+
+def vip_pillar(host: TestHost, interface: str, addresses: list[dict], **overrides: Any) -> dict:
+    """:func:`cell_pillar` with mtproxy.vip on ``interface`` for ``addresses``
+    ({address, router_id, owner}; the same list for every host)."""
+    vip = {"enabled": True, "interface": interface, "addresses": addresses, **overrides.pop("vip", {})}
+    return cell_pillar(host, vip=vip, **overrides)
+
+
+def holds(host: TestHost, address: str) -> bool:
+    """Whether ``address`` is on one of ``host``'s interfaces."""
+    return bool(host.run(["ip", "-o", "-4", "addr", "show", "to", f"{address}/32"]).stdout.strip())
+
+
+def wait_held(host: TestHost, address: str, held: bool = True, timeout: float = 60) -> float:
+    """Wait until ``host`` holds ``address`` (or, ``held`` false, no longer does); the seconds it took."""
+    start = time.monotonic()
+    while holds(host, address) != held:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{host.name} {'never took' if held else 'kept'} {address} within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def vrrp_transitions(host: TestHost, since: float = 0) -> list[tuple[str, str]]:
+    """(instance, state) for each VRRP state change keepalived logged since the Unix time ``since``."""
+    logs = host.docker("logs", "--since", f"{since:.3f}", KEEPALIVED)
+    return VRRP_STATE.findall(logs.stdout + logs.stderr)
+
+
+_PROBE = r"""
+import json, socket, sys, time, threading
+address, port, interval, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+attempts, stop = [], threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+while not stop.is_set():
+    started = time.time()
+    try:
+        socket.create_connection((address, port), timeout=timeout).close()
+        attempts.append([started, True])
+    except OSError:
+        attempts.append([started, False])
+    time.sleep(max(0.0, interval - (time.time() - started)))
+print(json.dumps(attempts), flush=True)
+"""
+
+
+class Prober:
+    """New connections to ``address``:frontend, one every ``interval`` s (each
+    given ``timeout`` s), from a client run with the command ``prefix`` until
+    :meth:`stop`, which returns [(Unix start time, connected)] per attempt."""
+
+    def __init__(self, prefix: list[str], address: str, interval: float = 0.05, timeout: float = 0.5):
+        args = [address, str(FRONTEND_PORT), str(interval), str(timeout)]
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-c", _PROBE, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def stop(self) -> list[tuple[float, bool]]:
+        out, _ = self.proc.communicate(input="", timeout=30)
+        return [(started, ok) for started, ok in json.loads(out)]
+
+
+def outage(attempts: list[tuple[float, bool]], since: float) -> dict:
+    """From the Unix time ``since``: how many new connections failed, and the
+    seconds until the first that succeeded after the last failure (0 when none failed)."""
+    after = [(t, ok) for t, ok in attempts if t >= since]
+    failed = [t for t, ok in after if not ok]
+    back = next((t for t, ok in after if ok and failed and t > failed[-1]), None)
+    return {
+        "failed": len(failed),
+        "attempts": len(after),
+        "seconds": round(back - since, 2) if back is not None else (0.0 if not failed else None),
+    }

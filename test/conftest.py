@@ -6,7 +6,7 @@ import itertools
 import os
 
 import pytest
-from testhost import TestHost, leftovers, sweep
+from testhost import Segment, TestHost, leftovers, sweep
 
 _labels = itertools.count(1)
 
@@ -57,3 +57,12 @@ def pytest_sessionfinish(session, exitstatus):
     if left:
         print("\nmtproxy-formula: test hosts left behind:\n  " + "\n  ".join(left))
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="module")
+def segment(make_testhost):
+    """A shared Ethernet segment (testhost.Segment) in a switch host of its own,
+    with a client; test hosts join it with ``segment.join(host)``. One test module."""
+    switch = make_testhost(docker=False)
+    yield Segment(switch)
+    switch.stop()

@@ -473,6 +473,64 @@ class TestHost:
                 group.rmdir()
 
 
+@dataclass
+class Segment:
+    """One Ethernet segment shared by several test hosts and a client, as hosts
+    on one LAN: a bridge in ``switch``'s namespace (a test host without
+    dockerd), a veth from each member host (``ifname`` on its side), and one
+    from ``switch``'s client namespace, the client. Addresses come from
+    198.19.<switch.index>.0/24 (the switch's own index: no link_to takes it):
+    members .1, .2, ... in the order they join, the client .100. Nothing has
+    a route out; it all goes with the namespaces.
+    """
+
+    switch: TestHost
+    ifname: str = "seg0"
+    members: list[TestHost] = field(default_factory=list)
+
+    BRIDGE = "br0"
+
+    def __post_init__(self) -> None:
+        _run(["ip", "-n", self.switch.netns, "link", "add", self.BRIDGE, "type", "bridge"])
+        _run(["ip", "-n", self.switch.netns, "link", "set", self.BRIDGE, "up"])
+        self._plug(self.switch.client_netns, self.ifname, self.client_address, "pc")
+
+    def address(self, number: int) -> str:
+        """Address ``number`` (1..254) of the segment."""
+        return f"{LINK_NETWORK}.{self.switch.index}.{number}"
+
+    @property
+    def client_address(self) -> str:
+        return self.address(100)
+
+    def port(self, member: TestHost) -> str:
+        """The bridge port (in the switch's namespace) of ``member``'s link."""
+        return f"p{member.index}"
+
+    def _plug(self, netns: str, ifname: str, address: str, port: str) -> None:
+        switch = self.switch.netns
+        _run(["ip", "-n", netns, "link", "add", ifname, "type", "veth", "peer", "name", port, "netns", switch])
+        _run(["ip", "-n", switch, "link", "set", port, "master", self.BRIDGE])
+        _run(["ip", "-n", switch, "link", "set", port, "up"])
+        _run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", ifname])
+        _run(["ip", "-n", netns, "link", "set", ifname, "up"])
+
+    def join(self, member: TestHost) -> str:
+        """Plug ``member`` in; return its address on the segment."""
+        self.members.append(member)
+        address = self.address(len(self.members))
+        self._plug(member.netns, self.ifname, address, self.port(member))
+        return address
+
+    def set_link(self, member: TestHost, up: bool) -> None:
+        """Pull ``member``'s cable (its port goes down: it loses carrier) or plug it back."""
+        _run(["ip", "-n", self.switch.netns, "link", "set", self.port(member), "up" if up else "down"])
+
+    def client_run(self, args: list[str], check: bool = True, timeout: float = 120, **kwargs):
+        """Run a command in the segment's client namespace."""
+        return self.switch.client_run(args, check=check, timeout=timeout, **kwargs)
+
+
 def sweep(force: bool = False) -> list[str]:
     """End the test hosts that an interrupted run left behind.
 
