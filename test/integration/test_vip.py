@@ -154,9 +154,7 @@ def move_and_return(pair: Pair, cut, restore, label: str) -> dict:
         "failed_new": outage(attempts, cut_at)["failed"],
         "address_back_s": round(back_s, 2),
         "failed_new_on_return": outage(attempts, restored_at)["failed"],
-        "transitions_on_return": {
-            host.name: vrrp_transitions(host, since=restored_at) for host in (pair.a, pair.b)
-        },
+        "transitions_on_return": {host.name: vrrp_transitions(host, since=restored_at) for host in (pair.a, pair.b)},
     }
     print(f"\nvip {label}: {json.dumps(figures)}")
     assert figures["clients_back_s"] is not None and figures["clients_back_s"] < BOUND, figures
