@@ -45,7 +45,7 @@ __virtualname__ = "mtproxy"
 HEX32 = re.compile(r"[0-9a-f]{32}")
 HIDDEN = "<hidden>"
 # Settings that are credentials: mtproxy.settings shows them as HIDDEN.
-CREDENTIALS = ("secret", "secrets", "extra_secrets", "haproxy:stats_auth", "exporter:auth")
+CREDENTIALS = ("secret", "secrets", "extra_secrets", "haproxy:stats_auth", "exporter:auth", "vip:password")
 # Kernel parameters (net.ipv4.ip_local_port_range, ...) as files.
 PROC_SYSCTL = "/proc/sys"
 # Secrets that appear in examples and docs: never serve with them.
@@ -889,8 +889,9 @@ def mask(text: str, secrets: str | list[str]) -> str:
 
 def links(masked: bool = False, cell: dict | None = None) -> list[dict]:
     """
-    The links clients use to connect, for the cell's public host and
-    frontend port (``tg://`` and ``https://t.me``): one per secret and mode
+    The links clients use to connect, for the cell's public host (with
+    ``mtproxy:vip`` enabled: each floating address instead) and frontend
+    port (``tg://`` and ``https://t.me``): one per address, secret and mode
     (``secret`` is the secret's index: 0 is ``mtproxy:secret``, then
     ``mtproxy:extra_secrets``).
 
@@ -907,9 +908,13 @@ def links(masked: bool = False, cell: dict | None = None) -> list[dict]:
         salt '*' mtproxy.links
     """
     cell = cell or settings(show_secrets=True)
-    result = build_links(
-        cell["public_host"], cell["haproxy"]["frontend_port"], cell["secrets"], cell["modes"], cell["tls_domain"]
-    )
+    vip = cell["vip"]
+    # Every floating address reaches a serving cell: DNS carries them all.
+    hosts = [entry["address"] for entry in vip["addresses"]] if vip["enabled"] else [cell["public_host"]]
+    port = cell["haproxy"]["frontend_port"]
+    result = [
+        link for host in hosts for link in build_links(host, port, cell["secrets"], cell["modes"], cell["tls_domain"])
+    ]
     if masked:
         for link in result:
             for key in ("tg", "https"):

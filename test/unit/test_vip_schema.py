@@ -1,11 +1,14 @@
 """mtproxy:vip (floating addresses) in the pillar schema: every bad value is
 refused naming the key, the value (the VRRP password as <hidden>) and what
-is allowed; good values come out normalised."""
+is allowed; good values come out normalised. mtproxy.links names the
+floating addresses."""
 
 from __future__ import annotations
 
+import urllib.parse
+
 import pytest
-from test_settings import configure_loader_modules, loader_stubs, schema, settings  # noqa: F401 (fixtures)
+from test_settings import configure_loader_modules, loader_stubs, mtproxy, schema, settings  # noqa: F401 (fixtures)
 
 A = {"address": "203.0.113.100", "router_id": 51, "owner": "cell-1"}
 B = {"address": "203.0.113.101", "router_id": "52", "owner": "cell-2"}
@@ -78,3 +81,18 @@ def test_the_frontend_must_listen_on_every_address():
     pillar = vip()
     pillar["haproxy"]["frontend_bind"] = "203.0.113.10"
     refused(pillar, "haproxy:frontend_bind", "use 0.0.0.0")
+
+
+def servers(links: list[dict]) -> list[str]:
+    return [urllib.parse.parse_qs(urllib.parse.urlparse(link["tg"]).query)["server"][0] for link in links]
+
+
+def test_links_name_every_floating_address_when_enabled():
+    cell = mtproxy.resolve(vip())
+    links = mtproxy.links(cell=cell)
+    assert sorted(set(servers(links))) == ["203.0.113.100", "203.0.113.101"]
+    assert len(links) == 2 * len(mtproxy.links(cell=mtproxy.resolve(settings())))
+
+
+def test_links_name_the_public_host_without_vip():
+    assert set(servers(mtproxy.links(cell=mtproxy.resolve(settings())))) == {"203.0.113.10"}
