@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -54,13 +55,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-try:
-    from salt.exceptions import CommandExecutionError
-except ImportError:  # run as a script (check_cmd): no Salt needed
-
-    class CommandExecutionError(Exception):  # type: ignore[no-redef]
-        pass
-
+# _utils/mtproxy_common.py: on sys.path under Salt's loader, beside this file in config_dir/bin,
+# else next to this file's folder (a script in Salt's extension modules or in the formula's tree).
+if importlib.util.find_spec("mtproxy_common") is None:
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path += [os.path.join(_HERE, os.pardir, folder) for folder in ("utils", "_utils")]
+from mtproxy_common import CommandExecutionError
 
 log = logging.getLogger(__name__)
 

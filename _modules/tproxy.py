@@ -31,9 +31,10 @@ CLI examples::
     salt-call tproxy.remove cell
     salt-call tproxy.foreign 1 100
 
-The file also runs as a script, without Salt (pyroute2 needed), so that a boot
-unit restores exactly what the ``tproxy.present`` state would; the JSON file
-holds the state's arguments (name, ports, method, mark, table, family)::
+The file also runs as a script, without Salt (pyroute2 needed, and
+``_utils/mtproxy_common.py`` beside it), so that a boot unit restores exactly
+what the ``tproxy.present`` state would; the JSON file holds the state's
+arguments (name, ports, method, mark, table, family)::
 
     python3 tproxy.py ensure --config /etc/mtproxy/return-path.json
     python3 tproxy.py check --config /etc/mtproxy/return-path.json
@@ -51,6 +52,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -64,19 +67,20 @@ import tempfile
 import threading
 from typing import NamedTuple
 
-try:
-    from salt.exceptions import CommandExecutionError, SaltInvocationError
-except ImportError:  # run as a script (the boot unit): no Salt needed
-
-    class CommandExecutionError(Exception):  # type: ignore[no-redef]
-        def __init__(self, message="", info=None):
-            super().__init__(message)
-            self.error = message
-            self.info = info
-
-    class SaltInvocationError(Exception):  # type: ignore[no-redef]
-        pass
-
+# _utils/mtproxy_common.py: on sys.path under Salt's loader, beside this file in config_dir/bin,
+# else next to this file's folder (a script in Salt's extension modules or in the formula's tree).
+if importlib.util.find_spec("mtproxy_common") is None:
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path += [os.path.join(_HERE, os.pardir, folder) for folder in ("utils", "_utils")]
+from mtproxy_common import (
+    DEFAULT_TAG,
+    FAMILIES,
+    METHODS,
+    RESERVED_TABLES,
+    RETURN_PATH_NAME,
+    CommandExecutionError,
+    SaltInvocationError,
+)
 
 try:
     from pyroute2 import IPRoute
@@ -92,15 +96,11 @@ __virtualname__ = "tproxy"
 # What Salt exposes as tproxy.*: the pure helpers below stay importable for tests only.
 __load__ = ["check", "ensure", "foreign", "remove"]
 
-DEFAULT_TAG = 201  # routing protocol number that marks our rules and routes
 COMMENT_PREFIX = "mtproxy-formula tproxy: "
-METHODS = ("mark", "sport")
-FAMILIES = {"ipv4": ("ipv4",), "ipv6": ("ipv6",), "both": ("ipv4", "ipv6")}
 ALL_FAMILIES = ("ipv4", "ipv6")
 AF = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 # xt_multiport holds 15 port slots; a range a:b takes two of them.
 MULTIPORT_SLOTS = 15
-RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
 RESERVED_TAGS = range(5)  # unspec, redirect, kernel, boot, static
 MAX_PRIORITY = 32765  # below the main table's 32766
 RTN_LOCAL = 2
@@ -729,6 +729,16 @@ def _changes(done: dict[str, list[str]]) -> dict[str, list[str]]:
     return {key: value for key, value in done.items() if value}
 
 
+def _spec(name, ports, options: dict) -> Spec:
+    """:func:`validate`, refusing an option it does not take; Salt's CLI adds ``__pub_*`` ones."""
+    options = {key: value for key, value in options.items() if not key.startswith("__")}
+    known = [key for key in inspect.signature(validate).parameters if key not in ("name", "ports")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise SaltInvocationError(f"Unknown argument {', '.join(unknown)}: use {', '.join(known)}")
+    return validate(name, ports, **options)
+
+
 def _plan(ipr, spec: Spec) -> tuple[list[Item], list[Item]]:
     mark = spec.method == "mark"
     have = _read(ipr, spec.tag, comment_for(spec.name), spec.binaries, spec.families, mark, mark)
@@ -738,19 +748,11 @@ def _plan(ipr, spec: Spec) -> tuple[list[Item], list[Item]]:
 # -- public functions ------------------------------------------------------------
 
 
-def check(
-    name,
-    ports,
-    method="mark",
-    mark=1,
-    table=100,
-    family="ipv4",
-    priority=100,
-    tag=DEFAULT_TAG,
-    iptables="iptables",
-    ip6tables="ip6tables",
-):
+def check(name, ports, **options):
     """Report what is missing or stale, changing nothing.
+
+    ``options``: method, mark, table, family, priority, tag, iptables,
+    ip6tables, as :func:`ensure` takes them.
 
     Returns ``{"ok": bool, "missing": [rule strings], "stale": [rule strings]}``.
 
@@ -758,7 +760,7 @@ def check(
 
         salt-call tproxy.check cell ports=[4431,4432]
     """
-    spec = validate(name, ports, method, mark, table, family, priority, tag, iptables, ip6tables)
+    spec = _spec(name, ports, options)
     with IPRoute() as ipr:
         to_add, to_remove = _plan(ipr, spec)
     return {
@@ -768,21 +770,13 @@ def check(
     }
 
 
-def ensure(
-    name,
-    ports,
-    method="mark",
-    mark=1,
-    table=100,
-    family="ipv4",
-    priority=100,
-    tag=DEFAULT_TAG,
-    iptables="iptables",
-    ip6tables="ip6tables",
-    test=False,
-    keep_stale=False,
-):
+def ensure(name, ports, test=False, keep_stale=False, **options):
     """Make the kernel hold exactly the rules for ``ports``: add what is missing, then remove what is stale.
+
+    ``options`` (see :func:`validate`, and the ``tproxy.present`` state for
+    what each means): ``method`` (mark or sport, default mark), ``mark``
+    (1), ``table`` (100), ``family`` (ipv4, ipv6 or both; ipv4),
+    ``priority`` (100), ``tag`` (201), ``iptables`` and ``ip6tables``.
 
     Returns ``{"added": [...], "removed": [...]}`` (keys only when not empty; with
     ``test`` what would be done, nothing is changed; with ``keep_stale`` only
@@ -800,7 +794,7 @@ def ensure(
 
         salt-call tproxy.ensure cell ports=[4431,4432,4433,4434] method=sport
     """
-    spec = validate(name, ports, method, mark, table, family, priority, tag, iptables, ip6tables)
+    spec = _spec(name, ports, options)
     with IPRoute() as ipr:
         found = [] if keep_stale else _foreign(ipr, spec)
         if found:
@@ -815,7 +809,7 @@ def foreign(
     family="ipv4",
     tag=DEFAULT_TAG,
     method="mark",
-    name="mtproxy",
+    name=RETURN_PATH_NAME,
     iptables="iptables",
     ip6tables="ip6tables",
 ):

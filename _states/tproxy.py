@@ -57,7 +57,7 @@ def _converge(ret: dict, what: str, function: str, words: tuple[str, str, str], 
     test = bool(__opts__["test"])
     try:
         changes = __salt__[function](name, test=test, **kwargs)
-    except SaltInvocationError as exc:
+    except (SaltInvocationError, TypeError) as exc:  # TypeError: an argument the function does not take
         ret["comment"] = f"Invalid arguments: {exc}"
         return ret
     except CommandExecutionError as exc:
@@ -74,19 +74,18 @@ def _converge(ret: dict, what: str, function: str, words: tuple[str, str, str], 
     return ret
 
 
-def present(
-    name,
-    ports,
-    method="mark",
-    mark=1,
-    table=100,
-    family="ipv4",
-    priority=100,
-    tag=201,
-    iptables="iptables",
-    ip6tables="ip6tables",
-):
+def _what(name, options: dict) -> str:
+    """``Return path 'NAME' (method M, table T, FAMILY)``, with the options given."""
+    shown = [f"{key} {options[key]}" for key in ("method", "table") if key in options]
+    shown += [options["family"]] if "family" in options else []
+    return f"Return path {name!r}" + (f" ({', '.join(shown)})" if shown else "")
+
+
+def present(name, ports, **options):
     """Ensure replies from the replica ``ports`` are routed back to the local transparent proxy.
+
+    The options and their defaults are those of the ``tproxy.ensure``
+    execution function, defined there once:
 
     name
         Names this return path: it goes into the comment of our mangle rules.
@@ -94,20 +93,20 @@ def present(
     ports
         The replicas' TCP ports (1-65535).
 
-    method
+    method (default ``mark``)
         ``mark``: ``ip rule fwmark MARK lookup TABLE`` plus mangle OUTPUT rules
         marking the replicas' source ports. ``sport``: one
         ``ip rule ipproto tcp sport FIRST-LAST lookup TABLE`` per contiguous
         port range, no iptables; also works for replicas at 127.0.0.1.
 
-    mark, table, priority
+    mark, table, priority (default 1, 100, 100)
         Firewall mark (method mark), routing table (holding
         ``local 0.0.0.0/0 dev lo``) and priority of our ip rules (1-32765).
 
-    family
+    family (default ``ipv4``)
         ``ipv4``, ``ipv6`` or ``both``.
 
-    tag
+    tag (default 201)
         Routing protocol number set on our rules and routes: how ``absent``
         tells them from foreign ones.
 
@@ -125,40 +124,20 @@ def present(
     mark. The comment names each of them (``tproxy.foreign`` lists them too).
     """
     ret = {"name": name, "result": False, "changes": {}, "comment": ""}
-    args = dict(
-        ports=ports,
-        method=method,
-        mark=mark,
-        table=table,
-        family=family,
-        priority=priority,
-        tag=tag,
-        iptables=iptables,
-        ip6tables=ip6tables,
-    )
-    what = f"Return path {name!r} (method {method}, table {table}, {family})"
-    return _converge(ret, what, "tproxy.ensure", ("put in place", "already in place", "updated"), name, **args)
+    words = ("put in place", "already in place", "updated")
+    return _converge(ret, _what(name, options), "tproxy.ensure", words, name, ports=ports, **options)
 
 
-def absent(name, table=100, family="both", tag=201, iptables="iptables", ip6tables="ip6tables"):
+def absent(name, **options):
     """Ensure nothing ``present`` created for ``name`` is left.
 
     Removes our ip rules and routes (carrying protocol ``tag``, in any table:
     ``table`` is only checked, so a table changed since ``present`` leaves
     nothing behind) and the mangle rules whose comment names ``name``;
-    foreign rules, routes and mangle rules stay.
+    foreign rules, routes and mangle rules stay. The options (``table``,
+    ``family``, default ``both``, ``tag``, ``iptables``, ``ip6tables``) and
+    their defaults are those of the ``tproxy.remove`` execution function.
     """
     ret = {"name": name, "result": False, "changes": {}, "comment": ""}
-    what = f"Return path {name!r} (table {table}, {family})"
-    return _converge(
-        ret,
-        what,
-        "tproxy.remove",
-        ("removed", "already absent", "removed"),
-        name,
-        table=table,
-        family=family,
-        tag=tag,
-        iptables=iptables,
-        ip6tables=ip6tables,
-    )
+    words = ("removed", "already absent", "removed")
+    return _converge(ret, _what(name, options), "tproxy.remove", words, name, **options)

@@ -3,18 +3,13 @@
 # The return path comes back at boot before clients arrive: a systemd oneshot
 # unit, ordered before docker.service (so before any container), runs the
 # tproxy module as a script with the same arguments as the tproxy.present
-# states. Enabled only where systemd is PID 1 (/run/systemd/system exists).
-# Not needed with client_ip: proxy_protocol (removed then).
+# states (mtproxy.return_path builds both, and the units' commands). Enabled
+# only where systemd is PID 1 (/run/systemd/system exists). Not needed with
+# client_ip: proxy_protocol (removed then).
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 {%- set boot = mtproxy.boot %}
-{%- set python = boot.python or grains['pythonexecutable'] %}
-{%- set script = mtproxy.config_dir ~ '/bin/tproxy.py' %}
-{%- set config = mtproxy.config_dir ~ '/return-path.json' %}
-{%- set unit = boot.unit_dir ~ '/' ~ boot.unit_name %}
-{%- set spec = {'name': 'mtproxy', 'ports': mtproxy.ports, 'method': mtproxy.tproxy.method,
-                'mark': mtproxy.tproxy.mark, 'table': mtproxy.tproxy.table,
-                'family': mtproxy.tproxy.family} %}
+{%- set return_path = salt['mtproxy.return_path'](mtproxy) %}
 {%- if mtproxy.client_ip != 'tproxy' %}
 
 include:
@@ -23,18 +18,22 @@ include:
 
 Return-path boot settings are in place:
   file.managed:
-    - name: {{ config }}
-    - contents: {{ spec | json | json }}
+    - name: {{ return_path.config }}
+    - contents: {{ return_path.arguments | json | json }}
     - makedirs: true
     - dir_mode: '0700'
     - mode: '0600'
     - user: root
     - group: root
 
+# With the module it imports (the stand-ins for Salt's exceptions among others).
 Return-path boot script is in place:
   file.managed:
-    - name: {{ script }}
-    - source: salt://_modules/tproxy.py
+    - names:
+      - {{ return_path.script }}:
+        - source: salt://_modules/tproxy.py
+      - {{ return_path.shared }}:
+        - source: salt://_utils/mtproxy_common.py
     - makedirs: true
     - dir_mode: '0700'
     - mode: '0700'
@@ -43,7 +42,7 @@ Return-path boot script is in place:
 
 Return-path boot unit is in place:
   file.managed:
-    - name: {{ unit }}
+    - name: {{ return_path.unit }}
     - makedirs: true
     - mode: '0644'
     - user: root
@@ -57,7 +56,7 @@ Return-path boot unit is in place:
         [Service]
         Type=oneshot
         RemainAfterExit=yes
-        ExecStart={{ python }} {{ script }} ensure --config {{ config }}
+        ExecStart={{ return_path.ensure }}
 
         [Install]
         WantedBy=multi-user.target

@@ -149,12 +149,9 @@ Config of extra replica {{ name }} is removed:
 
 Return path covers exactly the replica ports:
   tproxy.present:
-    - name: mtproxy
-    - ports: {{ mtproxy.ports | json }}
-    - method: {{ mtproxy.tproxy.method }}
-    - mark: {{ mtproxy.tproxy.mark }}
-    - table: {{ mtproxy.tproxy.table }}
-    - family: {{ mtproxy.tproxy.family }}
+{%- for key, value in salt['mtproxy.return_path'](mtproxy).arguments.items() %}
+    - {{ key }}: {{ value | json }}
+{%- endfor %}
     - require:
       - haproxy_runtime: HAProxy reloads gracefully when its config changes
 {%- for name in existing if name not in wanted %}

@@ -11,7 +11,7 @@
     replicas really listen on (their labels) until they are gone: a replica
     moving to a new port, or an extra one until haproxy.sls removes it, never
     loses its clients' replies. haproxy.sls narrows it at the end. #}
-{%- set ports = salt['mtproxy.return_path_ports'](mtproxy, existing) %}
+{%- set return_path = salt['mtproxy.return_path'](mtproxy, existing) %}
 
 include:
   - .boot
@@ -28,12 +28,9 @@ Kernel parameter {{ key }} is {{ value }}:
 
 Replica replies are routed back to HAProxy:
   tproxy.present:
-    - name: mtproxy
-    - ports: {{ ports | json }}
-    - method: {{ mtproxy.tproxy.method }}
-    - mark: {{ mtproxy.tproxy.mark }}
-    - table: {{ mtproxy.tproxy.table }}
-    - family: {{ mtproxy.tproxy.family }}
+{%- for key, value in return_path.arguments.items() %}
+    - {{ key }}: {{ value | json }}
+{%- endfor %}
     # The watchdog (watchdog.sls) restores what return-path.json names: update
     # it first, so the watchdog never puts back what this state removes.
     - require:

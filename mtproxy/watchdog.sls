@@ -9,10 +9,7 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 {%- set boot = mtproxy.boot %}
-{%- set python = boot.python or grains['pythonexecutable'] %}
-{%- set script = mtproxy.config_dir ~ '/bin/tproxy.py' %}
-{%- set config = mtproxy.config_dir ~ '/return-path.json' %}
-{%- set status = mtproxy.run_dir ~ '/return-path.status' %}
+{%- set return_path = salt['mtproxy.return_path'](mtproxy) %}
 
 include:
   - .boot
@@ -20,7 +17,7 @@ include:
 
 Return-path watchdog unit is in place:
   file.managed:
-    - name: {{ boot.unit_dir }}/{{ boot.watchdog_unit_name }}
+    - name: {{ return_path.watchdog_unit }}
     - makedirs: true
     - mode: '0644'
     - user: root
@@ -35,7 +32,7 @@ Return-path watchdog unit is in place:
         Type=simple
         Restart=always
         RestartSec=2
-        ExecStart={{ python }} {{ script }} watch --config {{ config }} --interval {{ boot.watch_interval }} --status {{ status }}
+        ExecStart={{ return_path.watch }}
 
         [Install]
         WantedBy=multi-user.target

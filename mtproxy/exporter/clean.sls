@@ -26,5 +26,9 @@ Cell exporter settings and scripts are removed:
       - {{ mtproxy.config_dir }}/exporter.json
       - {{ bin }}/mtproxy_exporter.py
       - {{ bin }}/haproxy_runtime.py
+{%- if mtproxy.client_ip != 'tproxy' %}
+      # The return-path boot script imports it too.
+      - {{ bin }}/mtproxy_common.py
+{%- endif %}
     - require:
       - file: Cell exporter unit is removed

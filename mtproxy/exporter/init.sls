@@ -28,6 +28,9 @@ Cell exporter scripts are in place:
         - source: salt://_modules/mtproxy_exporter.py
       - {{ bin }}/haproxy_runtime.py:
         - source: salt://_modules/haproxy_runtime.py
+      # What the two import (the return-path boot script's too).
+      - {{ bin }}/mtproxy_common.py:
+        - source: salt://_utils/mtproxy_common.py
     - makedirs: true
     - dir_mode: '0700'
     - mode: '0700'

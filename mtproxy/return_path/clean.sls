@@ -7,6 +7,7 @@
 {%- set tplroot = tpldir.split('/')[0] %}
 {%- from tplroot ~ "/map.jinja" import mtproxy with context %}
 {%- set systemd = mtproxy.boot.enable and salt['file.directory_exists']('/run/systemd/system') %}
+{%- set return_path = salt['mtproxy.return_path'](mtproxy) %}
 
 {%- if systemd %}
 
@@ -21,18 +22,18 @@ Return-path watchdog is stopped:
 
 Return-path watchdog unit is removed:
   file.absent:
-    - name: {{ mtproxy.boot.unit_dir }}/{{ mtproxy.boot.watchdog_unit_name }}
+    - name: {{ return_path.watchdog_unit }}
 
 Return-path watchdog status is removed:
   file.absent:
-    - name: {{ mtproxy.run_dir }}/return-path.status
+    - name: {{ return_path.status }}
     - require:
       - file: Return-path watchdog unit is removed
 
 Return-path rules and routes are removed:
   tproxy.absent:
-    - name: mtproxy
-    - table: {{ mtproxy.tproxy.table }}
+    - name: {{ return_path.arguments.name }}
+    - table: {{ return_path.arguments.table }}
 
 {%- if systemd %}
 
@@ -45,13 +46,17 @@ Return-path boot unit is disabled:
 
 Return-path boot unit is removed:
   file.absent:
-    - name: {{ mtproxy.boot.unit_dir }}/{{ mtproxy.boot.unit_name }}
+    - name: {{ return_path.unit }}
 
+# mtproxy_common.py stays while the cell exporter is on: its haproxy_runtime.py imports it too.
 Return-path boot settings and script are removed:
   file.absent:
     - names:
-      - {{ mtproxy.config_dir }}/return-path.json
-      - {{ mtproxy.config_dir }}/bin/tproxy.py
+      - {{ return_path.config }}
+      - {{ return_path.script }}
+{%- if not mtproxy.exporter.enable %}
+      - {{ return_path.shared }}
+{%- endif %}
     - require:
       - file: Return-path boot unit is removed
       - file: Return-path watchdog unit is removed

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
+import mtproxy_common
 import pytest
-from modules import execution_module
+from modules import REPO, execution_module
 from salt.exceptions import SaltInvocationError
 
 tproxy = execution_module("tproxy")
@@ -349,3 +354,95 @@ def test_apply_reports_what_was_done_before_a_failure():
         "No permission to delete `ip rule pref 100 ipproto tcp sport 4431-4432 lookup 100 proto 201` through netlink"
     )
     assert [verb for verb, _ in ipr.calls] == ["add", "delete"]  # added first, then removed
+
+
+def test_ensure_refuses_an_unknown_option_before_reading_the_kernel(monkeypatch):
+    def no_kernel():
+        raise AssertionError("the kernel was read")
+
+    monkeypatch.setattr(tproxy, "IPRoute", no_kernel, raising=False)
+    with pytest.raises(SaltInvocationError) as caught:
+        tproxy.ensure("cell", [4431], tabel=101)
+    assert str(caught.value) == (
+        "Unknown argument tabel: use method, mark, table, family, priority, tag, iptables, ip6tables"
+    )
+
+
+def test_the_arguments_salt_adds_on_the_command_line_are_dropped():
+    # salt-call passes __pub_* to a function that takes **kwargs.
+    options = {"method": "sport", "table": 101, "__pub_fun": "tproxy.check", "__pub_jid": "1"}
+    assert tproxy._spec("cell", [4431], options) == tproxy.validate("cell", [4431], method="sport", table=101)
+
+
+CELL = {
+    "ports": [4432, 4431],
+    "config_dir": "/etc/mtproxy",
+    "run_dir": "/run/mtproxy",
+    "tproxy": {"method": "sport", "mark": 1, "table": 100, "family": "ipv4", "ports": [4431, 4432]},
+    "boot": {
+        "python": "/opt/mtproxy/venv/bin/python3",
+        "unit_dir": "/etc/systemd/system",
+        "unit_name": "mtproxy-return-path.service",
+        "watchdog_unit_name": "mtproxy-return-path-watchdog.service",
+        "watch_interval": 3,
+    },
+}
+
+
+def test_the_return_path_is_built_once_for_the_states_and_the_units():
+    built = mtproxy_common.return_path(CELL)
+    assert built["arguments"] == {
+        "name": "mtproxy",
+        "ports": [4431, 4432],
+        "method": "sport",
+        "mark": 1,
+        "table": 100,
+        "family": "ipv4",
+    }
+    # The units restore what the state puts in place: the script validates the same arguments.
+    assert tproxy.validate(**built["arguments"]) == tproxy.validate("mtproxy", [4431, 4432], method="sport")
+    script, config = "/etc/mtproxy/bin/tproxy.py", "/etc/mtproxy/return-path.json"
+    assert built["ensure"] == f"/opt/mtproxy/venv/bin/python3 {script} ensure --config {config}"
+    assert built["watch"] == (
+        f"/opt/mtproxy/venv/bin/python3 {script} watch --config {config} --interval 3"
+        " --status /run/mtproxy/return-path.status"
+    )
+    assert (built["script"], built["config"], built["shared"]) == (script, config, "/etc/mtproxy/bin/mtproxy_common.py")
+    assert built["watchdog_unit"] == "/etc/systemd/system/mtproxy-return-path-watchdog.service"
+    # During an apply (host.sls) the ports also cover the replicas still listening elsewhere.
+    assert mtproxy_common.return_path(CELL, ports=[4433, 4431, 4433])["arguments"]["ports"] == [4431, 4433]
+
+
+# Where the scripts run without Salt: beside the shared module (config_dir/bin), in Salt's
+# extension modules (check_cmd from modules/, the module in utils/), in the formula's tree.
+LAYOUTS = {
+    "config_dir/bin": ("bin", "bin"),
+    "extension modules": ("modules", "utils"),
+    "formula tree": ("_modules", "_utils"),
+}
+PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])  # what `python3 FOLDER/tproxy.py` does
+import haproxy_runtime, tproxy
+try:
+    tproxy.validate("cell", [])
+except tproxy.SaltInvocationError as exc:
+    print(type(exc).__module__, haproxy_runtime.CommandExecutionError.__module__, exc)
+"""
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_scripts_find_the_shared_module_without_salt(tmp_path, layout):
+    scripts, shared = (tmp_path / folder for folder in LAYOUTS[layout])
+    for folder in (scripts, shared):
+        folder.mkdir(exist_ok=True)
+    for name in ("tproxy.py", "haproxy_runtime.py"):
+        shutil.copy(REPO / "_modules" / name, scripts / name)
+    shutil.copy(REPO / "_utils" / "mtproxy_common.py", shared)
+    # -S: no site-packages, so neither Salt nor pyroute2, as on a host's bare python3.
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", PROBE, str(scripts)], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert proc.stdout.strip() == (
+        "mtproxy_common mtproxy_common No ports given: ports must list at least one replica port"
+    ), proc.stderr
