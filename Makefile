@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-IMAGES := haproxy mtprotoproxy
+IMAGES := haproxy mtprotoproxy keepalived
 PYTEST_ARGS ?=
 # Test modules run two at a time, each in test hosts of its own.
 PYTEST_WORKERS ?= 2
@@ -43,6 +43,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/yamllint -s pillar.example kitchen.yml mtproxy/parameters test/kitchen/pillar
 	$(VENV)/bin/salt-lint $$(find mtproxy -name "*.sls")
+	shellcheck -S warning images/build.sh scripts/*.sh test/kitchen/*.sh $$(find mtproxy -name "*.sh")
 
 test: setup lint
 	$(VPY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
