@@ -693,6 +693,50 @@ def replay_guard(section: dict) -> list[str]:
     ]
 
 
+VIP_COLUMNS = [
+    "A lost by",
+    "address moved",
+    "clients back",
+    "failed new",
+    "address back",
+    "failed new on return",
+    "MASTER on return",
+]
+
+
+def vip(section: dict) -> list[str]:
+    rows = [
+        [
+            case,
+            spread(stats["address_moved_s"], " s"),
+            spread(stats["clients_back_s"], " s"),
+            spread(stats["failed_new"], "", 0),
+            spread(stats["address_back_s"], " s"),
+            spread(stats.get("failed_new_on_return", {}), "", 0),
+            _n(stats["masters_on_return"].get("max"), 0),
+        ]
+        for case, stats in section["summary"].items()
+    ]
+    return [
+        "## 8. Floating addresses",
+        "",
+        "Two test hosts, each with a 2-replica cell and `mtproxy.vip` (keepalived, defaults: adverts every 1 s, "
+        "cell check every 1 s, 2 failures to give up, `preempt_delay` 5 s), and a client on one bridge. "
+        "Host A's cell is stopped (HAProxy) or its link cut, then restored, while the client opens a new "
+        "connection to A's address every 50 ms (0.5 s timeout). Address moved: until B holds it; clients "
+        "back: from the cut until a new connection succeeds again; address back: from the restore until A "
+        "holds it again; MASTER on return: state changes to MASTER both hosts logged after the restore "
+        "(1 = one move back, no flapping); failed new on return: new connections that failed after the restore.",
+        "",
+        *_table(VIP_COLUMNS, rows),
+        "",
+        "What this means: a stopped cell gives its address up after the check fails twice (about 2 s), during "
+        "which A refuses new connections; a host that disappears is noticed after 3 missed adverts (about 3.6 s), "
+        "during which new connections time out. The return costs no new connection.",
+        "",
+    ]
+
+
 RENDER = {
     "datapath": datapath,
     "concurrency": concurrency,
@@ -701,8 +745,9 @@ RENDER = {
     "salt": salt,
     "realpath": realpath,
     "replay_guard": replay_guard,
+    "vip": vip,
 }
-ORDER = ("datapath", "concurrency", "failover", "operations", "salt", "realpath", "replay_guard")
+ORDER = ("datapath", "concurrency", "failover", "operations", "salt", "realpath", "replay_guard", "vip")
 
 
 def _bars(ax, labels: list[str], stats: list[dict], color: str = "C0", offset: float = 0.0, width: float = 0.8):

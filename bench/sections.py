@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +31,13 @@ from cell import (
     replica_names,
     servers,
     show_stat,
+    vip_addresses,
+    vip_move,
+    wait_held,
     wait_servers_up,
 )
 from standin_dc import StandIn, derive_image
-from testhost import TestHost
+from testhost import Segment, TestHost
 
 from bench.stats import ratio, summary
 
@@ -891,6 +895,56 @@ def share_deviation(counts: dict[str, int]) -> float:
     return round(max(abs(c - even) for c in counts.values()) * 100 / even, 1)
 
 
+# -- 8. floating addresses (mtproxy.vip) ------------------------------------------------
+
+
+def vip_runs(cell: Cell, b: TestHost, segment: Segment, address: str) -> dict[str, list[dict]]:
+    """Host A's address moves to B and back, ``plan.reps`` times per way of losing A."""
+    a = cell.host
+    cases = {
+        "cell stopped": (lambda: a.docker("stop", "mtproxy_haproxy"), lambda: a.docker("start", "mtproxy_haproxy")),
+        "link cut": (lambda: segment.set_link(a, up=False), lambda: segment.set_link(a, up=True)),
+    }
+    runs: dict[str, list[dict]] = {}
+    for case, (cut, restore) in cases.items():
+        for i in range(cell.plan.reps):
+            run = vip_move(a, b, segment.switch.nsenter(client=True), address, cut, restore)
+            run["masters_on_return"] = sum(
+                state == "MASTER" for moves in run.pop("transitions_on_return").values() for _, state in moves
+            )
+            runs.setdefault(case, []).append(run)
+            cell.log(f"vip {case} {i + 1}: moved in {run['address_moved_s']} s, clients back {run['clients_back_s']} s")
+    return runs
+
+
+def vip(cell: Cell) -> dict:
+    """The bench's host (A) and a second one (B), each with a cell and keepalived,
+    and a client on one segment; A owns one floating address, B another."""
+    a = cell.host
+    b, switch = TestHost.create(f"{a.name}-b"), TestHost.create(f"{a.name}-s")
+    try:
+        b.start()
+        switch.start(docker=False)
+        segment = Segment(switch)
+        for host in (a, b):
+            segment.join(host)
+        addresses = vip_addresses(segment, [a, b])
+        settings = {"enabled": True, "interface": segment.ifname, "addresses": addresses}
+        pillars = [cell.pillar(vip=settings), held_clients_pillar(b, secret=cell.secret, vip=settings)]
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(apply, (a, b), pillars, ["mtproxy,mtproxy.vip"] * 2))
+        wait_held(a, addresses[0]["address"])
+        runs = vip_runs(cell, b, segment, addresses[0]["address"])
+    finally:
+        apply(a, cell.pillar(), sls="mtproxy.vip", check=False)  # vip off: keepalived goes
+        b.stop()
+        switch.stop()
+    keys = ("address_moved_s", "clients_back_s", "failed_new", "address_back_s", "failed_new_on_return")
+    keys += ("masters_on_return",)
+    summaries = {case: {k: summary(r[k] for r in rs if r[k] is not None) for k in keys} for case, rs in runs.items()}
+    return {"runs": runs, "summary": summaries}
+
+
 SECTIONS: dict[str, Callable[[Cell], dict]] = {
     "salt": salt,
     "failover": failover,
@@ -899,4 +953,5 @@ SECTIONS: dict[str, Callable[[Cell], dict]] = {
     "datapath": datapath,
     "realpath": realpath,
     "replay_guard": replay_guard,
+    "vip": vip,
 }
