@@ -19,10 +19,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from testhost import TestHost
+from testhost import Segment, TestHost
 
 FRONTEND_PORT = 8443
 BASE_PORT = 4431
@@ -467,4 +468,54 @@ def outage(attempts: list[tuple[float, bool]], since: float) -> dict:
         "failed": len(failed),
         "attempts": len(after),
         "seconds": round(back - since, 2) if back is not None else (0.0 if not failed else None),
+    }
+
+
+def vip_addresses(segment: Segment, owners: list[TestHost], first_router_id: int = 51) -> list[dict]:
+    """One floating address per host of ``owners`` on ``segment`` (.201, .202, ...)."""
+    return [
+        {"address": segment.address(201 + i), "router_id": first_router_id + i, "owner": host.name}
+        for i, host in enumerate(owners)
+    ]
+
+
+def vip_move(
+    a: TestHost,
+    b: TestHost,
+    prefix: list[str],
+    address: str,
+    cut: Callable[[], Any],
+    restore: Callable[[], Any],
+    while_moved: Callable[[], Any] = lambda: None,
+    timeout: float = 30.0,
+) -> dict:
+    """``cut`` host A (its cell or its link), wait until B holds A's ``address``,
+    run ``while_moved``, ``restore`` A and wait until A holds its address again,
+    while a client (command ``prefix``) opens new connections to it. The figures:
+    seconds until B held it and until clients connected again, failed new
+    connections, seconds until A held it again, and the VRRP state changes each
+    host logged after the restore."""
+    prober = Prober(prefix, address)
+    try:
+        time.sleep(1.0)
+        cut_at = time.time()
+        cut()
+        moved_s = wait_held(b, address, timeout=timeout)
+        wait_held(a, address, held=False, timeout=timeout)
+        while_moved()
+        restored_at = time.time()
+        restore()
+        back_s = wait_held(a, address, timeout=timeout * 2)
+        wait_held(b, address, held=False, timeout=timeout)
+        time.sleep(3.0)  # a flap would show within a few adverts
+    finally:
+        attempts = prober.stop()
+    moved, returned = outage(attempts, cut_at), outage(attempts, restored_at)
+    return {
+        "address_moved_s": round(moved_s, 2),
+        "clients_back_s": moved["seconds"],
+        "failed_new": moved["failed"],
+        "address_back_s": round(back_s, 2),
+        "failed_new_on_return": returned["failed"],
+        "transitions_on_return": {host.name: vrrp_transitions(host, since=restored_at) for host in (a, b)},
     }

@@ -22,13 +22,13 @@ import pytest
 from cell import (
     BASE_PORT,
     KEEPALIVED,
-    Prober,
     apply,
     changed,
     containers,
     holds,
-    outage,
     peers_through,
+    vip_addresses,
+    vip_move,
     vip_pillar,
     vrrp_transitions,
     wait_held,
@@ -72,10 +72,7 @@ def pair(make_testhost, segment):
     a, b = make_testhost(), make_testhost()
     for host in (a, b):
         segment.join(host)
-    addresses = [
-        {"address": segment.address(201), "router_id": 51, "owner": a.name},
-        {"address": segment.address(202), "router_id": 52, "owner": b.name},
-    ]
+    addresses = vip_addresses(segment, [a, b])
     pillars = {h.name: vip_pillar(h, segment.ifname, addresses, vip={"password": PASSWORD}) for h in (a, b)}
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda h: apply(h, pillars[h.name], sls=SLS), (a, b)))
@@ -127,35 +124,15 @@ def test_password_is_kept_out_of_every_output(pair):
 
 
 def move_and_return(pair: Pair, cut, restore, label: str) -> dict:
-    """``cut`` host A, wait for its address on B, check clients through B,
-    ``restore`` A and wait for A to take its address back, while a client
-    opens new connections to A's address; the measured figures."""
-    prober = Prober(pair.client, pair.vip_a)
-    try:
-        time.sleep(1.0)
-        cut_at = time.time()
-        cut()
-        moved_s = wait_held(pair.b, pair.vip_a, timeout=BOUND)
-        wait_held(pair.a, pair.vip_a, held=False, timeout=BOUND)
+    """Cut host A, check clients through B while B holds A's address, restore A
+    (cell.vip_move); A takes its address back once."""
+
+    def while_moved() -> None:
         # New connections to A's address: through B's cell, client address kept.
         assert_client_kept(pair, pair.b, pair.vip_a)
         assert holds(pair.b, pair.vip_b), "B lost its own address"
-        restored_at = time.time()
-        restore()
-        back_s = wait_held(pair.a, pair.vip_a, timeout=BOUND * 2)
-        wait_held(pair.b, pair.vip_a, held=False, timeout=BOUND)
-        time.sleep(3.0)  # a flap would show within a few adverts
-    finally:
-        attempts = prober.stop()
-    figures = {
-        "label": label,
-        "address_moved_s": round(moved_s, 2),
-        "clients_back_s": outage(attempts, cut_at)["seconds"],
-        "failed_new": outage(attempts, cut_at)["failed"],
-        "address_back_s": round(back_s, 2),
-        "failed_new_on_return": outage(attempts, restored_at)["failed"],
-        "transitions_on_return": {host.name: vrrp_transitions(host, since=restored_at) for host in (pair.a, pair.b)},
-    }
+
+    figures = vip_move(pair.a, pair.b, pair.client, pair.vip_a, cut, restore, while_moved, timeout=BOUND)
     print(f"\nvip {label}: {json.dumps(figures)}")
     assert figures["clients_back_s"] is not None and figures["clients_back_s"] < BOUND, figures
     # One move back: each host enters MASTER for A's address at most once,
