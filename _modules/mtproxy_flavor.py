@@ -176,6 +176,7 @@ class Flavor:
     stats_path: str = "/stats"  # its local stats, http://127.0.0.1:{stats_port}{stats_path}
 
 
+# What each MTProxy implementation can do: docs/measurements.md §7.
 FLAVORS: dict[str, Flavor] = {
     # alexbers/mtprotoproxy, built locally (images/mtprotoproxy). Our entry
     # point (mtproxy/files) runs it and serves its per-user counters on
