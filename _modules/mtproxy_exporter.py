@@ -51,9 +51,12 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# _utils: on sys.path under Salt's loader, and beside this file in config_dir/bin.
+import mtproxy_common
+from mtproxy_common import FRONTEND
+
 __virtualname__ = "mtproxy_exporter"
 
-FRONTEND = "mtproxy"
 SOURCE_TIMEOUT = 2.0
 # name -> (type, help)
 METRICS = {
@@ -130,7 +133,7 @@ def config(cell: dict) -> dict[str, Any]:
         "master_socket": haproxy["master_socket"],
         "backend": haproxy["backend"],
         "frontend": FRONTEND,
-        "return_path": f"{cell['config_dir']}/return-path.json" if tproxy else None,
+        "return_path": mtproxy_common.return_path(cell)["config"] if tproxy else None,
     }
 
 

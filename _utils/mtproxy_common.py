@@ -34,6 +34,8 @@ except ImportError:  # a script on a Python without Salt: the same interface
 
 # How a secret (or any credential) appears in errors, comments and mtproxy.settings.
 HIDDEN = "<hidden>"
+# HAProxy's frontend, as haproxy.cfg.jinja names it.
+FRONTEND = "mtproxy"
 
 # -- the return path (transparent mode) ----------------------------------------------
 
