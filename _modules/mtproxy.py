@@ -802,7 +802,7 @@ def layered(tplroot: str = "mtproxy") -> dict:
         os_family = _parameters(tplroot, "os_family/Debian.yaml")
     pillar = copy.deepcopy(__salt__["pillar.get"]("mtproxy", {}) or {})
     lookup = pillar.pop("lookup", None) or {}
-    return merged(_parameters(tplroot, "defaults.yaml") or {}, os_family or {}, lookup, pillar)
+    return _merged(_parameters(tplroot, "defaults.yaml") or {}, os_family or {}, lookup, pillar)
 
 
 def _parameters(tplroot: str, name: str, missing_ok: bool = False) -> dict | None:
@@ -816,13 +816,13 @@ def _parameters(tplroot: str, name: str, missing_ok: bool = False) -> dict | Non
     return (salt.utils.yaml.safe_load(text) or {}).get("mtproxy") or {}
 
 
-def merged(*layers: dict) -> dict:
+def _merged(*layers: dict) -> dict:
     """``layers`` merged in order, the later winning: mappings key by key, anything else (lists too) replaced."""
     result: dict = {}
     for layer in layers:
         for key, value in layer.items():
             if isinstance(value, dict) and isinstance(result.get(key), dict):
-                result[key] = merged(result[key], value)
+                result[key] = _merged(result[key], value)
             else:
                 result[key] = copy.deepcopy(value)
     return result

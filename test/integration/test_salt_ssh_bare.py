@@ -30,12 +30,15 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
 from cell import assert_cell_serves, cell_pillar, changed, containers, failed, host_snapshot
 from saltdaemons import EXAMPLES, SaltMaster, Sshd, salt_ssh
+from testhost import TestHost
 from wheelhouse import build as build_wheelhouse
 
 pytestmark = pytest.mark.integration
@@ -63,6 +66,30 @@ def state_results(returns: dict, name: str) -> dict:
     bad = failed(result)
     assert not bad, f"states failed on {name}:\n" + json.dumps(bad, indent=1)[:20000]
     return result
+
+
+class Bare(NamedTuple):
+    host: TestHost
+    run: Callable[..., dict]
+    pillar: dict
+    venv: Path
+    master: SaltMaster
+    roster: Path
+    key: Path
+
+
+class PrivateDisk:
+    """``host``, except that what starts in its namespace sees a tmpfs of its own at ``folder``."""
+
+    def __init__(self, host: TestHost, folder: Path):
+        self.host, self.folder = host, folder
+
+    def __getattr__(self, name: str):
+        return getattr(self.host, name)
+
+    def nsenter(self, client: bool = False) -> list[str]:
+        mount = f'mount -t tmpfs mtproxy-private {self.folder} && exec "$0" "$@"'
+        return [*self.host.nsenter(client), "unshare", "--mount", "--propagation", "private", "sh", "-c", mount]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +138,7 @@ def bare(make_testhost, tmp_path_factory):
             print(f"\n[ssh logins] {' '.join(args)}: {log.read_text().count('Accepted publickey') - logins}")
             return out
 
-        yield host, run, pillar, venv
+        yield Bare(host, run, pillar, venv, master, roster, sshd.client_key)
     finally:
         if sshd:
             sshd.stop()
@@ -119,7 +146,7 @@ def bare(make_testhost, tmp_path_factory):
 
 
 def test_apply_before_bootstrap_is_refused_in_one_line_and_changes_nothing(bare):
-    host, run, pillar, venv = bare
+    host, run, pillar, venv, *_ = bare
     settings = pillar["mtproxy"]
     before = host_snapshot(host, pillar)
     returns = timed("salt-ssh apply before bootstrap", run, "state.apply", "mtproxy")
@@ -138,7 +165,7 @@ def test_apply_before_bootstrap_is_refused_in_one_line_and_changes_nothing(bare)
 
 
 def test_bootstrap_then_apply_serves_and_a_rerun_changes_nothing(bare):
-    host, run, pillar, venv = bare
+    host, run, pillar, venv, *_ = bare
     # test=True says what the bootstrap would do, and does nothing.
     would = changed(state_results(run("state.apply", "mtproxy.bootstrap", "test=True"), host.name))
     assert set(would) == {"The formula's Python modules are in their venv"}, would
@@ -185,6 +212,28 @@ def test_bootstrap_then_apply_serves_and_a_rerun_changes_nothing(bare):
     shown = run("mtproxy.settings").get(host.name)
     assert isinstance(shown, dict) and shown["secret"] == "<hidden>", shown
     assert deployed["secret"] not in json.dumps(shown)
+
+
+def test_links_need_no_disk_shared_with_the_target(bare):
+    """Here salt-ssh and its target share the test host's disk. A second sshd
+    whose sessions have their own tmpfs holds the thin (with the copies of the
+    formula's modules salt-ssh ships): the links come out the same, so salt-ssh's
+    side never reads what it put on the target (as a real VPS would not let it)."""
+    host, run, _, _, master, roster, key = bare
+    private = host.workdir / "private"
+    private.mkdir()
+    sshd = Sshd(PrivateDisk(host, private), port=2223).start()
+    try:
+        entry = yaml.safe_load(roster.read_text())[host.name]
+        entry.update({"port": sshd.port, "thin_dir": str(private / "salt-thin")})
+        private_roster = host.workdir / "roster-private"
+        private_roster.write_text(yaml.safe_dump({host.name: entry}))
+        links = salt_ssh(master, host, private_roster, key, host.name, "mtproxy.links", timeout=400).get(host.name)
+        assert links == run("mtproxy.links").get(host.name), links
+        # The thin went to the tmpfs only that sshd's sessions see.
+        assert not (private / "salt-thin" / "salt-call").exists()
+    finally:
+        sshd.stop()
 
 
 def host_serves(host, pillar: dict) -> dict:

@@ -283,14 +283,14 @@ def test_layers_defaults_then_os_family_then_lookup_then_pillar(salt_side):
     assert "lookup" not in layered
     debian = yaml.safe_load((PARAMETERS / "os_family" / "Debian.yaml").read_text())["mtproxy"]
     for key, value in debian.items():
-        assert layered[key] == (mtproxy.merged(DEFAULTS[key], value) if isinstance(value, dict) else value)
+        assert layered[key] == (mtproxy._merged(DEFAULTS[key], value) if isinstance(value, dict) else value)
     # A family without a file of its own gets Debian's, as before.
     grains["os_family"] = "Arch"
     assert mtproxy.layered() == layered
 
 
 def test_lists_are_replaced_not_merged():
-    assert mtproxy.merged({"a": [1, 2], "b": {"c": 1, "d": 2}}, {"a": [3], "b": {"d": 4}}) == {
+    assert mtproxy._merged({"a": [1, 2], "b": {"c": 1, "d": 2}}, {"a": [3], "b": {"d": 4}}) == {
         "a": [3],
         "b": {"c": 1, "d": 4},
     }
@@ -375,3 +375,8 @@ def test_the_os_family_file_wins_over_the_defaults_and_loses_to_lookup(salt_side
     assert (mtproxy.layered()["replicas"], mtproxy.layered()["haproxy"]["maxconn"]) == (4, 777)
     pillar["mtproxy"]["lookup"] = {"replicas": 5}
     assert (mtproxy.layered()["replicas"], mtproxy.layered()["haproxy"]["maxconn"]) == (5, 777)
+
+
+def test_every_key_the_schema_hides_is_masked_by_settings():
+    hidden = {key for key, spec in schema.SCHEMA.items() if spec.hidden}
+    assert hidden and hidden <= set(mtproxy.CREDENTIALS), hidden - set(mtproxy.CREDENTIALS)
