@@ -186,12 +186,18 @@ def test_a_config_change_reloads_keepalived_in_place(pair):
     before = containers(pair.a)[KEEPALIVED]["id"]
     pillar = json.loads(json.dumps(pair.pillar(pair.a)))
     pillar["mtproxy"]["vip"]["check_interval"] = 2
+    config = pair.a.workdir / "etc-mtproxy" / "keepalived" / "keepalived.conf"
+    before_text = config.read_text()
+    # test=True says what would change, and changes nothing.
+    would = changed(apply(pair.a, pillar, sls="mtproxy.vip", test=True))
+    assert "Keepalived config is valid and in place" in json.dumps(would)
+    assert config.read_text() == before_text
     since = time.time()
     result = apply(pair.a, pillar, sls="mtproxy.vip")
     assert "Keepalived config is valid and in place" in json.dumps(changed(result))
     assert containers(pair.a)[KEEPALIVED]["id"] == before, "keepalived was recreated, not reloaded"
     time.sleep(3.0)
-    assert "interval 2" in (pair.a.workdir / "etc-mtproxy" / "keepalived" / "keepalived.conf").read_text()
+    assert "interval 2" in config.read_text()
     logs = pair.a.docker("logs", "--since", f"{since:.3f}", KEEPALIVED)
     assert "Reload" in logs.stdout + logs.stderr, "keepalived did not reload"
     assert vrrp_transitions(pair.a, since) == [], "a reload moved an address"
