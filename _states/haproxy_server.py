@@ -46,15 +46,20 @@ def __virtual__():
     return (False, "the haproxy_runtime execution module is not loaded (sync _modules)")
 
 
-def _read(backend: str, name: str, sockets: dict[str, str | None]) -> tuple[dict[str, Any] | None, str]:
-    """The server as HAProxy has it now, or None and why there is none."""
+def _start(
+    name: str, backend: str, admin_socket: str | None, master_socket: str | None
+) -> tuple[dict[str, Any], dict[str, str | None], dict[str, Any] | None, str]:
+    """A state's return to fill, the socket arguments, and the server as
+    HAProxy has it now (None, and why there is none, when there is none)."""
+    ret: dict[str, Any] = {"name": name, "changes": {}, "result": True, "comment": ""}
+    sockets = {"admin_socket": admin_socket, "master_socket": master_socket}
     try:
         server = __salt__["haproxy_runtime.server_state"](backend, name, **sockets)
     except CommandExecutionError as exc:
-        return None, f"No HAProxy answers ({exc})"
+        return ret, sockets, None, f"No HAProxy answers ({exc})"
     if server is None:
-        return None, f"HAProxy has no server {backend}/{name}"
-    return server, ""
+        return ret, sockets, None, f"HAProxy has no server {backend}/{name}"
+    return ret, sockets, server, ""
 
 
 def _endpoint(address: str, port: int) -> str:
@@ -85,9 +90,7 @@ def drained(
     sessions, ``'sessions': {'old': <at the start>, 'new': <left at the
     end>}`` and ``'waited'`` (seconds).
     """
-    ret: dict[str, Any] = {"name": name, "changes": {}, "result": True, "comment": ""}
-    sockets = {"admin_socket": admin_socket, "master_socket": master_socket}
-    server, missing = _read(backend, name, sockets)
+    ret, sockets, server, missing = _start(name, backend, admin_socket, master_socket)
     if server is None:
         ret["comment"] = f"{missing}: nothing to drain"
         return ret
@@ -150,9 +153,7 @@ def ready(
     Changes: ``addr``, ``state`` (administrative: to ``ready``) and
     ``status`` (to ``UP``), each when it differed.
     """
-    ret: dict[str, Any] = {"name": name, "changes": {}, "result": True, "comment": ""}
-    sockets = {"admin_socket": admin_socket, "master_socket": master_socket}
-    server, missing = _read(backend, name, sockets)
+    ret, sockets, server, missing = _start(name, backend, admin_socket, master_socket)
     if server is None:
         ret["comment"] = f"{missing}; its configuration adds {name}"
         return ret
