@@ -26,8 +26,11 @@
 
 No host to roll mtproxy over:
   test.fail_without_changes:
-    - comment: {{ ("mtproxy_roll:targets must be a list of minion ids; found no minion with an mtproxy pillar"
-                   " matching " ~ roll.get('tgt', '*') ~ " (" ~ targets ~ ")") | json }}
+{%-   if targets %}
+    - comment: {{ ("mtproxy_roll:targets is " ~ targets ~ ": use a list of minion ids") | json }}
+{%-   else %}
+    - comment: {{ ("No minion matching " ~ roll.get('tgt', '*') ~ " answered with an mtproxy pillar") | json }}
+{%-   endif %}
 {%- else %}
 
 Roll mtproxy over {{ targets | join(', ') }}, one host at a time:
@@ -75,7 +78,8 @@ The roll stops at {{ minion }} when it fails there:
   test.fail_without_changes:
     - comment: {{ ("The roll stopped at " ~ minion ~ ": its sync, apply or serving check failed (see above)."
                    " Not touched: " ~ (targets[loop.index:] | join(', ') or 'none') ~ "."
-                   " Done before it: " ~ (targets[:loop.index0] | join(', ') or 'none') ~ ".") | json }}
+                   " Done before it: " ~ (targets[:loop.index0] | join(', ') or 'none') ~ "."
+                   " Fix it, then roll again.") | json }}
     - onfail:
       - salt: Modules on {{ minion }} are synced from the master
       - salt: mtproxy is applied on {{ minion }}
