@@ -54,6 +54,12 @@ VENV = "/opt/mtproxy/venv"
 WHEELHOUSE = "/srv/wheelhouse"
 MODULES = ("docker", "pyroute2", "saltext.dockermod")
 PACKAGES = ("docker.io", "python3-venv")
+BOOTSTRAP_STATES = {
+    "Docker engine is installed",
+    "Docker engine is running and enabled at boot",
+    "Debian can make the venv of the formula's Python modules",
+    "The formula's Python modules are in their venv",
+}
 
 # PID 1 of the new namespaces: the mounts a container manager makes, then systemd.
 BOOT = """set -e
@@ -242,14 +248,16 @@ def dockerd_pid(bare: BareHost) -> int | None:
 def test_bootstrap_installs_and_starts_docker_with_apt_and_a_rerun_changes_nothing(bare_host):
     host, bare, run = bare_host
     assert dockerd_pid(bare) is None
+    # test=True says what the bootstrap would do, and does nothing.
+    would = state_changes(run("state.apply", "mtproxy.bootstrap", "test=True"), host.name)
+    assert set(would) == BOOTSTRAP_STATES, would
+    assert not any(bare.installed(package) for package in PACKAGES)
+    assert not (bare.path / VENV.lstrip("/")).exists()
+    assert dockerd_pid(bare) is None
+
     returns = timed("salt-ssh bootstrap (bare host, apt)", run, "state.apply", "mtproxy.bootstrap")
     done = state_changes(returns, host.name)
-    assert set(done) == {
-        "Docker engine is installed",
-        "Docker engine is running and enabled at boot",
-        "Debian can make the venv of the formula's Python modules",
-        "The formula's Python modules are in their venv",
-    }, done
+    assert set(done) == BOOTSTRAP_STATES, done
     assert "docker.io" in done["Docker engine is installed"], done
     assert "python3-venv" in done["Debian can make the venv of the formula's Python modules"], done
     for package in PACKAGES:
