@@ -25,7 +25,10 @@ What stands in for a VPS, and why:
   (the namespace's own), /sys is read-only, and of the cgroups only the root's
   own subtree of the ``name=systemd`` hierarchy is writable. Every mount is
   made in the root's own mount namespace and goes with it.
-- The cell is not deployed here (test_salt_ssh_bare.py does that).
+- The cell is not deployed here (test_salt_ssh_bare.py does that): with
+  the cgroup controllers read-only, this dockerd answers but runs no container.
+- Host keys go to the test host's known_hosts; the machine's sshd and root's
+  known_hosts are never used.
 
 Wall times are printed (``-s``), never asserted.
 """
