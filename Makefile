@@ -32,9 +32,13 @@ $(VENV)/.installed: requirements.txt | host-setup
 	$(VENV)/bin/pip install -qq -r requirements.txt
 	touch $@
 
-# Each image is cached by the hash of its recipe (images/build.sh).
+# Each image is cached by the hash of its recipe (images/build.sh); they build
+# side by side. bare-bookworm is no image: the bare Debian 12 root (with a local
+# apt repository) that test_bootstrap_bare_rootfs boots as a salt-ssh target.
 images: | host-setup
-	@for image in $(IMAGES); do images/build.sh $$image || exit 1; done
+	@pids=; for image in $(IMAGES); do images/build.sh $$image & pids="$$pids $$!"; done; \
+	images/build.sh bare-bookworm build/rootfs & pids="$$pids $$!"; \
+	status=0; for pid in $$pids; do wait $$pid || status=1; done; exit $$status
 
 setup: host-setup venv images
 
