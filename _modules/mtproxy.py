@@ -28,6 +28,7 @@ import secrets
 import urllib.parse
 from typing import Any
 
+import salt.utils.secret
 import salt.utils.yaml
 
 try:
@@ -800,7 +801,8 @@ def layered(tplroot: str = "mtproxy") -> dict:
     os_family = _parameters(tplroot, f"os_family/{family}.yaml", missing_ok=True)
     if os_family is None:
         os_family = _parameters(tplroot, "os_family/Debian.yaml")
-    pillar = copy.deepcopy(__salt__["pillar.get"]("mtproxy", {}) or {})
+    # __pillar__, not pillar.get: Salt 3008's pillar.get masks every value outside a template.
+    pillar = salt.utils.secret.expose(copy.deepcopy(__pillar__.get("mtproxy") or {}))
     lookup = pillar.pop("lookup", None) or {}
     return _merged(_parameters(tplroot, "defaults.yaml") or {}, os_family or {}, lookup, pillar)
 

@@ -84,7 +84,13 @@ def _formula() -> Any:
             __opts__,
             tag="rawmodule",
             virtual_enable=False,
-            pack={"__salt__": _MasterFiles(__salt__.value(), __context__["fileclient"]), "__utils__": utils},
+            pack={
+                "__salt__": _MasterFiles(__salt__.value(), __context__["fileclient"]),
+                "__utils__": utils,
+                # This run's pillar, with a CLI pillar= merged in by the state functions.
+                "__pillar__": __pillar__.value(),
+                "__grains__": __grains__.value(),
+            },
             extra_module_dirs=utils.module_dirs,
         )
         if "mtproxy" not in loader.file_mapping or not loader._load_module("mtproxy"):

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from modules import execution_module
+from salt.utils.secret import MaskedDict
 
 REPO = Path(__file__).resolve().parents[2]
 mtproxy = execution_module("mtproxy")
@@ -248,25 +249,23 @@ def file_server(url: str) -> str | bool:
 
 @pytest.fixture
 def salt_side(monkeypatch, loader_stubs):
-    """What settings() asks Salt for: the file server, grains, pillar and mtproxy_bootstrap.resolve."""
-    pillar: dict = {"mtproxy": {"secret_file": str(loader_stubs)}}
+    """What settings() asks Salt for: the file server, grains, pillar and mtproxy_bootstrap.resolve.
+    The pillar is Salt 3008's, whose values print masked but read plain."""
+    pillar = MaskedDict({"mtproxy": {"secret_file": str(loader_stubs)}})
     calls: list[bool] = []
 
     def bootstrap_resolve(layered: dict, bootstrapping: bool = False) -> dict:
         calls.append(bootstrapping)
         return mtproxy.resolve(layered, generate_secret=not bootstrapping)
 
-    def pillar_get(key: str, default=None):
-        return pillar.get(key, default)
-
     grains = {"os_family": "Debian"}
     for name, function in {
         "cp.get_file_str": file_server,
         "grains.get": lambda key, default="": grains.get(key, default),
-        "pillar.get": pillar_get,
         "mtproxy_bootstrap.resolve": bootstrap_resolve,
     }.items():
         monkeypatch.setitem(mtproxy.__salt__, name, function)
+    monkeypatch.setattr(mtproxy, "__pillar__", pillar, raising=False)
     return pillar, grains, calls
 
 
