@@ -28,23 +28,17 @@ import secrets
 import urllib.parse
 from typing import Any
 
+import mtproxy_common  # _utils: Salt puts it on sys.path while it loads modules
 import salt.utils.secret
 import salt.utils.yaml
-
-try:
-    from salt.exceptions import CommandExecutionError
-except ImportError:  # imported without Salt, e.g. by unit tests of pure logic
-
-    class CommandExecutionError(Exception):  # type: ignore[no-redef]
-        pass
-
+from salt.exceptions import CommandExecutionError
 
 log = logging.getLogger(__name__)
 
 __virtualname__ = "mtproxy"
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
-HIDDEN = "<hidden>"
+HIDDEN = mtproxy_common.HIDDEN
 # Settings that are credentials: mtproxy.settings shows them as HIDDEN.
 CREDENTIALS = ("secret", "secrets", "extra_secrets", "haproxy:stats_auth", "exporter:auth", "vip:password")
 # Kernel parameters (net.ipv4.ip_local_port_range, ...) as files.
@@ -58,7 +52,7 @@ PLACEHOLDER_SECRETS = {
 }
 BACKEND = "mtproxy_replicas"
 # The HAProxy config's frontend and its per-client-address table (mtproxy/files/default/haproxy.cfg.jinja).
-FRONTEND = "mtproxy"
+FRONTEND = mtproxy_common.FRONTEND
 CLIENTS_TABLE = "mtproxy_clients"
 REPLICA_PREFIX = "mtproxy_"
 # Container labels: what a container is to the formula, and where a replica listens.
@@ -68,8 +62,6 @@ LISTEN_LABEL = "mtproxy-formula.listen"
 HAPROXY_CONFIG_MOUNT = "/etc/haproxy"
 HAPROXY_RUN_MOUNT = "/run/haproxy"
 REPLICA_CONFIG_MOUNT = "/etc/mtprotoproxy"
-# Written by the return-path watchdog (mtproxy/watchdog.sls) in run_dir.
-WATCHDOG_STATUS = "return-path.status"
 
 HEALTH_CHECK_PROFILES = {
     # Measured (docs/measurements.md §3): DOWN in about 1 s, 0 failed new
@@ -753,6 +745,23 @@ def return_path_ports(cell: dict, existing: list[dict]) -> list[int]:
     return sorted(set(cell["ports"]) | {r["port"] for r in existing if r["port"] is not None})
 
 
+def return_path(cell: dict, existing: list[dict] | None = None) -> dict:
+    """
+    The return path of ``cell`` (resolved settings), built in one place
+    (``_utils/mtproxy_common.py``) for the states and for :func:`status`:
+    the ``arguments`` of ``tproxy.present`` (and of the boot unit's settings
+    file), the boot and watchdog units' files and commands. With ``existing``
+    (:func:`existing_replicas`), the ports are :func:`return_path_ports`.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' mtproxy.return_path "$(salt-call --out=json mtproxy.settings)"
+    """
+    return mtproxy_common.return_path(cell, None if existing is None else return_path_ports(cell, existing))
+
+
 def settings(show_secrets: bool = False, tplroot: str = "mtproxy", bootstrapping: bool = False) -> dict:
     """
     The cell's settings, exactly as the states see them (``mtproxy/map.jinja``
@@ -1050,25 +1059,17 @@ def _return_path(cell: dict) -> dict:
     """The return path of ``cell`` (resolved settings): rules present, the watchdog's last repair."""
     if cell["client_ip"] != "tproxy":
         return {"ok": None, "used": False, "client_ip": cell["client_ip"]}
-    tproxy = cell["tproxy"]
+    paths = return_path(cell)
     report: dict[str, Any] = {"ok": None, "used": True, "missing": [], "stale": []}
     try:
         if "tproxy.check" not in __salt__:
             raise CommandExecutionError("the tproxy module is not available (pyroute2 missing?)")
-        result = __salt__["tproxy.check"](
-            name="mtproxy",
-            ports=tproxy["ports"],
-            method=tproxy["method"],
-            mark=tproxy["mark"],
-            table=tproxy["table"],
-            family=tproxy["family"],
-        )
+        result = __salt__["tproxy.check"](**paths["arguments"])
         report.update(ok=result["ok"], missing=result["missing"], stale=result["stale"])
     except Exception as exc:  # SaltInvocationError too: report it, never fail status
         report.update(ok=False, error=str(exc))
-    path = os.path.join(cell["run_dir"], WATCHDOG_STATUS)
     try:
-        with open(path) as handle:
+        with open(paths["status"]) as handle:
             watchdog = json.load(handle)
         report["watchdog"] = {
             key: watchdog.get(key) for key in ("last_check", "last_repair", "repaired", "ok", "error", "pid")

@@ -44,17 +44,11 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
-try:
-    from salt.exceptions import CommandExecutionError
-except ImportError:  # imported without Salt, e.g. by unit tests of pure logic
-
-    class CommandExecutionError(Exception):  # type: ignore[no-redef]
-        pass
-
+from mtproxy_common import HIDDEN  # _utils: on sys.path under Salt's loader
+from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "mtproxy_flavor"
 
-HIDDEN = "<hidden>"
 # Client protocols, in the order the settings list them.
 MODES = ("classic", "secure", "tls")
 # replica_limits until the schema fills them in (pillar mtproxy:replica_limits).
