@@ -61,7 +61,6 @@ LISTEN_LABEL = "mtproxy-formula.listen"
 # Where the HAProxy container sees the bind-mounted folders.
 HAPROXY_CONFIG_MOUNT = "/etc/haproxy"
 HAPROXY_RUN_MOUNT = "/run/haproxy"
-REPLICA_CONFIG_MOUNT = "/etc/mtprotoproxy"
 
 HEALTH_CHECK_PROFILES = {
     # Measured (docs/measurements.md §3): DOWN in about 1 s, 0 failed new
@@ -71,39 +70,8 @@ HEALTH_CHECK_PROFILES = {
     # The original design: DOWN after about 6 s.
     "original": "check inter 3s fall 2 rise 2",
 }
-# What each MTProxy implementation can do (docs/measurements.md §7). A setting a
-# flavor cannot honour is refused at render time, naming the key.
-FLAVORS: dict[str, dict[str, Any]] = {
-    # alexbers/mtprotoproxy, built locally (images/mtprotoproxy).
-    "mtprotoproxy": {
-        "image": "mtproxy-formula/mtprotoproxy:local",
-        "client_ip": ("tproxy", "proxy_protocol"),
-        "modes": ("classic", "secure", "tls"),
-        "max_secrets": 16,
-        "ad_tag": True,
-    },
-    # telegrammessenger/proxy: the original design's image (C, upstream
-    # frozen since 2019): no PROXY protocol, no fake-TLS.
-    "official": {
-        "image": "telegrammessenger/proxy:latest",
-        "client_ip": ("tproxy",),
-        "modes": ("classic", "secure"),
-        "max_secrets": 16,
-        "ad_tag": True,
-    },
-    # 9seconds/mtg v2: fake-TLS only, one secret, no ad tag by design.
-    "mtg": {
-        "image": "nineseconds/mtg:2",
-        "client_ip": ("tproxy", "proxy_protocol"),
-        "modes": ("tls",),
-        "max_secrets": 1,
-        "ad_tag": False,
-    },
-}
-CLIENT_IP = ("tproxy", "proxy_protocol")
-MODES = ("classic", "secure", "tls")
-# The official image's local stats port: replica port + this offset.
-OFFICIAL_STATS_OFFSET = 10000
+# A replica's local stats port (every flavor, read by the exporter): its port + this offset.
+STATS_PORT_OFFSET = 10000
 
 
 def __virtual__():
@@ -235,9 +203,8 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
     """
     settings = __salt__["mtproxy_schema.validate"](settings)
     ports = list(range(settings["base_port"], settings["base_port"] + settings["replicas"]))
-    capabilities = _flavor_capabilities(settings)
     _check_stats_ports(settings, ports)
-    modes, extra_secrets = _flavor_options(settings, capabilities)
+    extra_secrets = _extra_secrets(settings)
     backend_address, public_host = _addresses(settings)
     _check_ephemeral_ports(settings, ports)
     _check_foreign_routing(settings)
@@ -245,10 +212,8 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
     settings.update(
         {
             "ports": ports,
-            "replica_config_mount": REPLICA_CONFIG_MOUNT,
             "secret": secret,
             "secrets": [secret, *extra_secrets],
-            "modes": modes,
             "backend_address": backend_address,
             "public_host": public_host,
             "docker_host": settings["docker_host"] or __salt__["config.option"]("docker.url", "") or "",
@@ -257,43 +222,15 @@ def resolve(settings: dict, generate_secret: bool = True) -> dict:
     return _derive_paths(settings, ports)
 
 
-def _flavor_capabilities(settings: dict) -> dict[str, Any]:
-    """What the flavor can do (:data:`FLAVORS`), after refusing a client_ip it cannot take; sets the default image."""
-    flavor, client_ip = settings["flavor"], settings["client_ip"]
-    capabilities = FLAVORS[flavor]
-    if client_ip not in capabilities["client_ip"]:
-        _fail(
-            "client_ip",
-            client_ip,
-            f"flavor {flavor} does not accept the PROXY protocol; use tproxy, or flavor mtprotoproxy or mtg",
-        )
-    settings["image"] = settings["image"] or capabilities["image"]
-    return capabilities
-
-
 def _check_stats_ports(settings: dict, ports: list[int]) -> None:
     # Every flavor serves its local stats there (the cell exporter reads them).
-    if ports[-1] + OFFICIAL_STATS_OFFSET > 65535:
+    if ports[-1] + STATS_PORT_OFFSET > 65535:
         _fail(
             "base_port",
             settings["base_port"],
-            f"each replica also uses port+{OFFICIAL_STATS_OFFSET} (local stats, 127.0.0.1); "
-            f"use a base_port up to {65535 - OFFICIAL_STATS_OFFSET - settings['replicas'] + 1}",
+            f"each replica also uses port+{STATS_PORT_OFFSET} (local stats, 127.0.0.1); "
+            f"use a base_port up to {65535 - STATS_PORT_OFFSET - settings['replicas'] + 1}",
         )
-
-
-def _flavor_options(settings: dict, capabilities: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The modes served and the extra secrets, after refusing the settings the flavor has no use for."""
-    flavor, tls_domain = settings["flavor"], settings["tls_domain"]
-    if tls_domain and "tls" not in capabilities["modes"]:
-        _fail("tls_domain", tls_domain, f"flavor {flavor} has no fake-TLS; leave it empty")
-    modes = _modes(settings, flavor, capabilities["modes"], tls_domain)
-    if settings["handshake_timeout"] and flavor != "mtprotoproxy":
-        _fail("handshake_timeout", settings["handshake_timeout"], f"flavor {flavor} has no such setting; use 0")
-    ad_tag = settings["ad_tag"]
-    if ad_tag and not capabilities["ad_tag"]:
-        _fail("ad_tag", ad_tag, f"flavor {flavor} has no ad tag (promoted channel); leave it empty")
-    return modes, _extra_secrets(settings, flavor, capabilities["max_secrets"])
 
 
 def _addresses(settings: dict) -> tuple[str, str]:
@@ -332,7 +269,7 @@ def _derive_paths(settings: dict, ports: list[int]) -> dict:
             "port": port,
             "config_dir": f"{config_dir}/replicas/{REPLICA_PREFIX}{index}",
             # The replica's local stats (127.0.0.1 only), read by the cell exporter.
-            "stats_port": port + OFFICIAL_STATS_OFFSET,
+            "stats_port": port + STATS_PORT_OFFSET,
         }
         for index, port in enumerate(ports, start=1)
     ]
@@ -355,30 +292,13 @@ def _derive_paths(settings: dict, ports: list[int]) -> dict:
     return settings
 
 
-def _extra_secrets(settings: dict, flavor: str, max_secrets: int) -> list[str]:
+def _extra_secrets(settings: dict) -> list[str]:
+    """``mtproxy:extra_secrets``, each checked (their number per flavor is the schema's: mtproxy_flavor.check)."""
     extra = settings["extra_secrets"]
-    if extra and max_secrets == 1:
-        _fail("extra_secrets", HIDDEN, f"flavor {flavor} serves one secret per instance; leave it empty")
-    if len(extra) + 1 > max_secrets:
-        _fail("extra_secrets", f"<{len(extra)} secrets>", f"flavor {flavor} takes up to {max_secrets - 1} more")
     result = [validate_secret(value, f"extra_secrets:{index}") for index, value in enumerate(extra)]
     if len(set(result)) != len(result) or (settings["secret"] and settings["secret"] in result):
         _fail("extra_secrets", HIDDEN, "every secret must differ from the others and from mtproxy:secret")
     return result
-
-
-def _modes(settings: dict, flavor: str, allowed: tuple[str, ...], tls_domain: str) -> list[str]:
-    """The client protocols served: explicit, or padded plus fake-TLS when a domain is set."""
-    modes = settings["modes"]
-    if not modes:
-        modes = [mode for mode in ("secure", "tls") if mode in allowed and (mode != "tls" or tls_domain)]
-        modes = modes or list(allowed)
-    for mode in modes:
-        if mode not in allowed:
-            _fail("modes", modes, f"flavor {flavor} serves {', '.join(allowed)}")
-    if "tls" in modes and not tls_domain:
-        _fail("tls_domain", tls_domain, "mode tls (fake-TLS) needs a domain such as www.example.com")
-    return [mode for mode in MODES if mode in modes]
 
 
 def _check_families(settings: dict, backend_address: str) -> None:
@@ -388,8 +308,8 @@ def _check_families(settings: dict, backend_address: str) -> None:
 
     - the backend address must be one a replica can listen on: not 0.0.0.0,
       ::, multicast;
-    - only mtg listens on IPv6 here (the mtprotoproxy config and the official
-      wrapper bind IPv4);
+    - (an IPv6 address for a flavor that listens on IPv4 only is refused by
+      the schema, from the flavor's record: ``mtproxy_flavor.check``);
     - with the PROXY protocol the backend address is loopback;
     - in transparent mode HAProxy connects to a replica from the client's own
       address (usesrc clientip), so the clients and the replicas must be of
@@ -400,8 +320,6 @@ def _check_families(settings: dict, backend_address: str) -> None:
     key = "backend_address"
     if backend.is_unspecified or backend.is_multicast:
         _fail(key, backend_address, "use an address of this host the replicas listen on, not a wildcard or multicast")
-    if backend.version == 6 and settings["flavor"] != "mtg":
-        _fail(key, backend_address, f"flavor {settings['flavor']} listens on IPv4 only here; use an IPv4 address")
     if settings["client_ip"] == "proxy_protocol":
         if not backend.is_loopback:
             _fail(
@@ -471,8 +389,8 @@ def _check_ephemeral_ports(settings: dict, ports: list[int]) -> None:
     low, high = (int(word) for word in text.split())
     reserved = _port_set(_sysctl(settings, "net.ipv4.ip_local_reserved_ports") or "")
     listening = [("base_port", port) for port in ports]
-    if settings["flavor"] == "official":
-        listening += [("base_port", port + OFFICIAL_STATS_OFFSET) for port in ports]
+    # Every flavor's replica also serves its local stats on port + offset.
+    listening += [("base_port", port + STATS_PORT_OFFSET) for port in ports]
     listening += [(f"haproxy:{key}", settings["haproxy"][key]) for key in ("frontend_port", "stats_port")]
     for key, port in listening:
         if low <= port <= high and port not in reserved:

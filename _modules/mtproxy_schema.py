@@ -469,13 +469,13 @@ def Scalar(pattern: str, allowed: str) -> Spec:
 
 
 def SysctlValue() -> Spec:
-    allowed = "use a number or words of letters, digits, _ . : / - separated by single spaces"
+    allowed = "use a number or words of letters, digits, _ . , : / - separated by single spaces"
 
     def check(key: str, value: Any) -> int | str:
         number = _integer(value)
         if number is not None and not isinstance(value, str):
             return number
-        if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.:/-]+( [A-Za-z0-9_.:/-]+)*", value):
+        if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.,:/-]+( [A-Za-z0-9_.,:/-]+)*", value):
             fail(key, value, allowed)
         return value
 

@@ -269,26 +269,29 @@ def test_haproxy_ports_in_the_ephemeral_range_are_refused(sysctls, key, port):
 
 
 def test_a_range_that_starts_above_the_ports_is_accepted(sysctls):
-    sysctls(net__ipv4__ip_local_port_range="40100 60999")
+    # The replicas' stats ports (port + 10000) lie below the range too.
+    sysctls(net__ipv4__ip_local_port_range="50100 60999")
     assert mtproxy.resolve(settings(base_port=40000))["ports"] == [40000, 40001]
 
 
 def test_ports_the_operator_reserved_are_accepted(sysctls):
-    sysctls(net__ipv4__ip_local_reserved_ports="8080,40000-40001")
+    sysctls(net__ipv4__ip_local_reserved_ports="8080,40000-40001,50000-50001")
     assert mtproxy.resolve(settings(base_port=40000))["ports"] == [40000, 40001]
     # One port of the two reserved is not enough.
     assert_refused({"base_port": 40001}, "base_port", "port 40002")
 
 
 def test_the_pillars_sysctls_count_as_the_cells(sysctls):
-    reserved = {"net.ipv4.ip_nonlocal_bind": 1, "net.ipv4.ip_local_reserved_ports": "40000-40010"}
+    reserved = {"net.ipv4.ip_nonlocal_bind": 1, "net.ipv4.ip_local_reserved_ports": "40000-40010,50000-50010"}
     assert mtproxy.resolve(settings(base_port=40000, sysctls=reserved))["ports"] == [40000, 40001]
     # proxy_protocol applies no sysctls: the host's value counts then.
     assert_refused({"base_port": 40000, "sysctls": reserved, "client_ip": "proxy_protocol"}, "base_port")
 
 
-def test_official_flavors_stats_ports_count_too(sysctls):
-    assert_refused({"flavor": "official", "base_port": 23000}, "base_port", "port 33000")
+@pytest.mark.parametrize("flavor", ["mtprotoproxy", "official"])
+def test_the_replicas_stats_ports_count_too(sysctls, flavor):
+    # Every flavor's replica serves its local stats on port + 10000.
+    assert_refused({"flavor": flavor, "base_port": 23000}, "base_port", "port 33000")
 
 
 # -- address families ------------------------------------------------------------
