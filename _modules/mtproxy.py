@@ -166,7 +166,9 @@ def primary_ipv4(key: str = "backend_address") -> str:
     """
     try:
         routes = __salt__["network.default_route"]("inet")
-    except CommandExecutionError:
+    # Salt's network module fails with a traceback of its own (not a
+    # CommandExecutionError) on a host without iproute2: use the grains then.
+    except (CommandExecutionError, OSError, ValueError, TypeError, KeyError, IndexError):
         routes = []
     for route in routes:
         address = __salt__["network.interface_ip"](route.get("interface", ""))
