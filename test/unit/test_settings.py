@@ -379,3 +379,14 @@ def test_the_os_family_file_wins_over_the_defaults_and_loses_to_lookup(salt_side
 def test_every_key_the_schema_hides_is_masked_by_settings():
     hidden = {key for key, spec in schema.SCHEMA.items() if spec.hidden}
     assert hidden and hidden <= set(mtproxy.CREDENTIALS), hidden - set(mtproxy.CREDENTIALS)
+
+
+def test_a_host_without_iproute2_takes_its_address_from_the_grains(monkeypatch):
+    # Salt's network.default_route fails with a traceback of its own without `ip`.
+    def no_ip(family):
+        raise ValueError("'NoneType' object is not iterable")
+
+    monkeypatch.setitem(mtproxy.__salt__, "network.default_route", no_ip)
+    monkeypatch.setitem(mtproxy.__grains__, "ip4_interfaces", {"lo": ["127.0.0.1"], "ens3": ["198.51.100.7"]})
+    assert mtproxy.primary_ipv4() == "198.51.100.7"
+    assert mtproxy.resolve(settings())["public_host"] == "198.51.100.7"
