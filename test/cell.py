@@ -519,3 +519,11 @@ def vip_move(
         "failed_new_on_return": returned["failed"],
         "transitions_on_return": {host.name: vrrp_transitions(host, since=restored_at) for host in (a, b)},
     }
+
+
+def timed(label: str, func, *args, **kwargs):
+    """Call ``func`` and print its wall time (shown with ``-s``; never asserted)."""
+    start = time.monotonic()
+    out = func(*args, **kwargs)
+    print(f"\n[wall time] {label}: {time.monotonic() - start:.1f} s")
+    return out

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cell import changed, failed
+from cell import changed, failed, timed
 from saltdaemons import EXAMPLES, SaltMaster, salt_ssh
 from testhost import REPO, TestHost, TestHostError, _run
 from wheelhouse import build as build_wheelhouse
@@ -100,13 +100,6 @@ mount -t tmpfs tmpfs $R/tmp
 export container=mtpf
 exec chroot $R /lib/systemd/systemd
 """
-
-
-def timed(label: str, func, *args, **kwargs):
-    start = time.monotonic()
-    out = func(*args, **kwargs)
-    print(f"\n[wall time] {label}: {time.monotonic() - start:.1f} s")
-    return out
 
 
 def rootfs_tarball() -> Path:

@@ -13,10 +13,9 @@ Apply wall times are printed (`-s` shows them), never asserted.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
-from cell import assert_cell_serves, cell_pillar, changed, containers, failed
+from cell import assert_cell_serves, cell_pillar, changed, containers, failed, timed
 from saltdaemons import salt_cluster
 
 pytestmark = pytest.mark.integration
@@ -28,13 +27,6 @@ def state_results(returns: dict, minion: str) -> dict:
     bad = failed(result)
     assert not bad, f"states failed on {minion}:\n" + json.dumps(bad, indent=1)[:20000]
     return result
-
-
-def timed(label: str, func, *args, **kwargs):
-    start = time.monotonic()
-    out = func(*args, **kwargs)
-    print(f"\n[wall time] {label}: {time.monotonic() - start:.1f} s")
-    return out
 
 
 # -- master and minion --------------------------------------------------------

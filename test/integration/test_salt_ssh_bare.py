@@ -29,14 +29,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import yaml
-from cell import assert_cell_serves, cell_pillar, changed, containers, failed, host_snapshot
+from cell import assert_cell_serves, cell_pillar, changed, containers, failed, host_snapshot, timed
 from saltdaemons import EXAMPLES, SaltMaster, Sshd, salt_ssh
 from testhost import TestHost
 from wheelhouse import build as build_wheelhouse
@@ -45,13 +44,6 @@ pytestmark = pytest.mark.integration
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 EXAMPLE_VENV = "/opt/mtproxy/venv"
-
-
-def timed(label: str, func, *args, **kwargs):
-    start = time.monotonic()
-    out = func(*args, **kwargs)
-    print(f"\n[wall time] {label}: {time.monotonic() - start:.1f} s")
-    return out
 
 
 def system_python_lacks_our_modules() -> None:
