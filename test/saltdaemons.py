@@ -251,13 +251,12 @@ class Sshd:
         self.config = self.root / "sshd_config"
         self.config.write_text("".join(f"{k} {v}\n" for k, v in settings.items()))
         self.daemon: Daemon | None = None
-        self._made_privsep = False
 
     def start(self) -> Sshd:
         # sshd insists on its privilege separation directory (compiled in).
-        if not PRIVSEP_DIR.exists():
-            PRIVSEP_DIR.mkdir(mode=0o755)
-            self._made_privsep = True
+        # It stays after the test (empty, as Debian's own sshd leaves it):
+        # removing it would break another test's sshd that is still running.
+        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         cmd = [*self.host.nsenter(), SSHD, "-D", "-e", "-f", str(self.config)]
         self.daemon = Daemon(cmd, self.root / "sshd.log")
         deadline = time.monotonic() + 15
@@ -272,9 +271,6 @@ class Sshd:
     def stop(self) -> None:
         if self.daemon:
             self.daemon.stop()
-        if self._made_privsep:
-            with contextlib.suppress(OSError):
-                PRIVSEP_DIR.rmdir()
 
 
 def salt_ssh(
