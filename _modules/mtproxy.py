@@ -677,7 +677,7 @@ def return_path(cell: dict, existing: list[dict] | None = None) -> dict:
 
     .. code-block:: bash
 
-        salt '*' mtproxy.return_path "$(salt-call --out=json mtproxy.settings)"
+        salt '*' mtproxy.return_path "$(salt-call --out=json mtproxy.settings show_secrets=True)"
     """
     return mtproxy_common.return_path(cell, None if existing is None else return_path_ports(cell, existing))
 

@@ -112,7 +112,7 @@ def config(cell: dict) -> dict[str, Any]:
 
     .. code-block:: bash
 
-        salt '*' mtproxy_exporter.config "$(salt-call --out=json mtproxy.settings)"
+        salt '*' mtproxy_exporter.config "$(salt-call --out=json mtproxy.settings show_secrets=True)"
     """
     exporter, haproxy = cell["exporter"], cell["haproxy"]
     # Where the flavor serves its stats on 127.0.0.1:stats_port (its record).

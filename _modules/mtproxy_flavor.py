@@ -361,7 +361,7 @@ def check(settings: dict) -> dict[str, Any]:
 
     .. code-block:: bash
 
-        salt '*' mtproxy_flavor.check "$(salt-call --out=json mtproxy.settings)"
+        salt '*' mtproxy_flavor.check "$(salt-call --out=json mtproxy.settings show_secrets=True)"
     """
     name = settings["flavor"]
     flavor = FLAVORS[name]

@@ -2,7 +2,7 @@
 The pillar schema of mtproxy-formula: every key under ``mtproxy:`` with its
 type and constraint, in one table (:data:`SCHEMA`).
 
-``mtproxy.resolve`` (called by ``mtproxy/map.jinja`` at render time) runs
+``mtproxy.resolve`` (through ``mtproxy.settings``, at render time) runs
 :py:func:`validate` first, so a bad value fails the render, naming the key,
 the value (secrets as ``<hidden>``) and what is allowed, before anything on
 the host changes. Values come out typed and normalised: integers as ints,
@@ -844,7 +844,7 @@ def _vip_checks(settings: dict) -> None:
 
 def validate(settings: dict) -> dict:
     """
-    Check every key of the layered settings (``mtproxy/map.jinja``: defaults,
+    Check every key of the layered settings (``mtproxy.settings``: defaults,
     pillar) against :data:`SCHEMA` and return them typed and normalised.
 
     Fails with an error that names the key (``mtproxy:...``), the value
@@ -861,7 +861,7 @@ def validate(settings: dict) -> dict:
     """
     if not isinstance(settings, dict):
         raise SettingsError(f"Pillar mtproxy is {settings!r}: use a mapping of settings (see pillar.example)")
-    settings = {k: v for k, v in settings.items() if k != "lookup"}  # layered in already by map.jinja
+    settings = {k: v for k, v in settings.items() if k != "lookup"}  # layered in already by mtproxy.settings
     result: dict = {}
     _walk(settings, "", result)
     for key in SCHEMA:
