@@ -56,7 +56,10 @@ def cell(testhost, tmp_path_factory):
     root = tmp_path_factory.mktemp("operator-root")
     custom = root / "mtproxy" / "files" / host.name / "haproxy.cfg.jinja"
     custom.parent.mkdir(parents=True)
-    config_dir = host.minion_config(file_roots={"base": [str(root), str(REPO)]})
+    # Salt keeps the file roots' listing for fileserver_list_cache_time (20 s):
+    # a template added or removed within that time is not seen yet (README,
+    # "Your own HAProxy template"). These applies follow each other closely.
+    config_dir = host.minion_config(file_roots={"base": [str(root), str(REPO)]}, fileserver_list_cache_time=0)
     pillar = cell_pillar(host)
 
     def apply() -> dict:
