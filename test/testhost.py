@@ -526,10 +526,6 @@ class Segment:
         """Pull ``member``'s cable (its port goes down: it loses carrier) or plug it back."""
         _run(["ip", "-n", self.switch.netns, "link", "set", self.port(member), "up" if up else "down"])
 
-    def client_run(self, args: list[str], check: bool = True, timeout: float = 120, **kwargs):
-        """Run a command in the segment's client namespace."""
-        return self.switch.client_run(args, check=check, timeout=timeout, **kwargs)
-
 
 def sweep(force: bool = False) -> list[str]:
     """End the test hosts that an interrupted run left behind.
