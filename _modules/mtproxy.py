@@ -18,6 +18,7 @@ CLI examples:
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 import json
 import logging
@@ -29,6 +30,7 @@ import urllib.parse
 from typing import Any
 
 import mtproxy_common  # _utils: Salt puts it on sys.path while it loads modules
+import salt.utils.dictupdate
 import salt.utils.secret
 import salt.utils.yaml
 from salt.exceptions import CommandExecutionError
@@ -748,15 +750,11 @@ def _parameters(tplroot: str, name: str, missing_ok: bool = False) -> dict | Non
 
 
 def _merged(*layers: dict) -> dict:
-    """``layers`` merged in order, the later winning: mappings key by key, anything else (lists too) replaced."""
-    result: dict = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, dict) and isinstance(result.get(key), dict):
-                result[key] = _merged(result[key], value)
-            else:
-                result[key] = copy.deepcopy(value)
-    return result
+    """
+    ``layers`` merged in order, the later winning: mappings key by key, anything
+    else (lists too) replaced. Salt's own recurse merge (``slsutil.merge``'s).
+    """
+    return functools.reduce(salt.utils.dictupdate.merge_recurse, layers, {})
 
 
 def masked_settings(cell: dict) -> dict:
