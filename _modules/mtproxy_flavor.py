@@ -44,13 +44,11 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
-from mtproxy_common import HIDDEN  # _utils: on sys.path under Salt's loader
+from mtproxy_common import HIDDEN, MODES  # _utils: on sys.path under Salt's loader
 from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "mtproxy_flavor"
 
-# Client protocols, in the order the settings list them.
-MODES = ("classic", "secure", "tls")
 # replica_limits until the schema fills them in (pillar mtproxy:replica_limits).
 DEFAULT_LIMITS = {"pids": 512, "memory": 512 * 1024 * 1024, "nofile": 16384, "read_only": True}
 # Open files a replica keeps for itself (listening and stats sockets, epoll,
@@ -183,7 +181,7 @@ FLAVORS: dict[str, Flavor] = {
         entry_point="python3",
         command="{mount}/stats.py {stats_port} /usr/local/bin/mtprotoproxy {config}",
         reload_signal="SIGUSR2",
-        modes=("classic", "secure", "tls"),
+        modes=MODES,
         client_ip=("tproxy", "proxy_protocol"),
         max_secrets=16,
         supports=frozenset({"ad_tag", "handshake_timeout"}),

@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from mtproxy_common import FAMILIES, HIDDEN, METHODS, RESERVED_TABLES  # _utils: on sys.path under Salt's loader
+from mtproxy_common import FAMILIES, HIDDEN, METHODS, MODES, RESERVED_TABLES  # _utils: on sys.path under Salt's loader
 from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "mtproxy_schema"
@@ -531,7 +531,7 @@ SCHEMA: dict[str, Spec] = {
     "secret": Secret(empty=True),
     "secret_file": Path(),
     "extra_secrets": ListOf(Secret(), maximum=15),
-    "modes": ListOf(Choice("classic", "secure", "tls"), maximum=3),
+    "modes": ListOf(Choice(*MODES), maximum=len(MODES)),
     "tls_domain": Text(DNS_NAME, "use a DNS name such as www.example.com", lower=True),
     "ad_tag": Text(HEX32, "use the 32 hex characters @MTProxybot gave you", lower=True),
     "handshake_timeout": Int(0, 86400),

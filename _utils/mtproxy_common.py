@@ -36,6 +36,8 @@ except ImportError:  # a script on a Python without Salt: the same interface
 HIDDEN = "<hidden>"
 # HAProxy's frontend, as haproxy.cfg.jinja names it.
 FRONTEND = "mtproxy"
+# Client protocols (mtproxy:modes), in the order the settings list them.
+MODES = ("classic", "secure", "tls")
 
 # -- the return path (transparent mode) ----------------------------------------------
 
