@@ -8,24 +8,21 @@ from __future__ import annotations
 import urllib.parse
 
 import pytest
+from test_schema import assert_refused
 from test_settings import configure_loader_modules, loader_stubs, mtproxy, schema, settings  # noqa: F401 (fixtures)
 
 A = {"address": "203.0.113.100", "router_id": 51, "owner": "cell-1"}
 B = {"address": "203.0.113.101", "router_id": "52", "owner": "cell-2"}
 
 
+def vip_changes(**changes) -> dict:
+    """settings() changes: mtproxy:vip enabled on eth0 for A and B, with ``changes`` to vip."""
+    vip = {"enabled": True, "interface": "eth0", "addresses": [A, B], **changes}
+    return {f"vip__{key}": value for key, value in vip.items()}
+
+
 def vip(**changes) -> dict:
-    return settings(vip={**settings()["vip"], "enabled": True, "interface": "eth0", "addresses": [A, B], **changes})
-
-
-def refused(pillar: dict, key: str, *fragments: str) -> str:
-    with pytest.raises(schema.SettingsError) as error:
-        schema.validate(pillar)
-    message = str(error.value)
-    assert message.startswith(f"Pillar mtproxy:{key} is "), message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
+    return settings(**vip_changes(**changes))
 
 
 def test_good_settings_come_out_typed():
@@ -63,24 +60,22 @@ def test_disabled_by_default_and_valid_without_addresses():
     ],
 )
 def test_bad_values_are_refused_naming_the_key(changes, key, fragment):
-    refused(vip(**changes), key, fragment)
+    assert_refused(vip_changes(**changes), key, fragment)
 
 
 @pytest.mark.parametrize("password", ["too-long-9", "has#hash", "has space", 'quo"te', "x!"])
 def test_a_bad_password_is_refused_and_never_shown(password):
-    message = refused(vip(password=password), "vip:password", "<hidden>", "1 to 8")
+    message = assert_refused(vip_changes(password=password), "vip:password", "<hidden>", "1 to 8")
     assert password not in message
 
 
 def test_a_control_character_in_the_password_is_not_shown():
-    message = refused(vip(password="pw\n1"), "vip:password", "<hidden>", "control character")
+    message = assert_refused(vip_changes(password="pw\n1"), "vip:password", "<hidden>", "control character")
     assert "pw" not in message
 
 
 def test_the_frontend_must_listen_on_every_address():
-    pillar = vip()
-    pillar["haproxy"]["frontend_bind"] = "203.0.113.10"
-    refused(pillar, "haproxy:frontend_bind", "use 0.0.0.0")
+    assert_refused({**vip_changes(), "haproxy__frontend_bind": "203.0.113.10"}, "haproxy:frontend_bind", "use 0.0.0.0")
 
 
 def servers(links: list[dict]) -> list[str]:
