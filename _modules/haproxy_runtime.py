@@ -815,7 +815,6 @@ def drain(
     interval: float = 0.25,
     admin_socket: str | None = None,
     master_socket: str | None = None,
-    missing_ok: bool = False,
 ) -> dict[str, Any]:
     """
     Drain a server: no new sessions, wait for the existing ones to end.
@@ -827,9 +826,6 @@ def drain(
 
     Returns ``{'server', 'drained' (no session left), 'sessions_left' (when
     the wait ended), 'sessions_shut_down', 'waited', 'all_workers'}``.
-    With ``missing_ok``, a server HAProxy does not have (any more), or no
-    HAProxy answering at all, counts as drained (``'missing': True``)
-    instead of an error.
 
     CLI Example:
 
@@ -839,8 +835,6 @@ def drain(
         salt '*' haproxy_runtime.drain mtproxy mtproxy_1 timeout=30 shutdown=True
     """
     use_all = _all_workers(master_socket)
-    if missing_ok and not _has_server(backend, server, admin_socket, master_socket):
-        return _drain_outcome(f"{backend}/{server}", 0, 0.0, use_all, missing=True)
     set_state(backend, server, "drain", admin_socket, master_socket)
 
     def sessions() -> dict[str, Any]:
@@ -860,7 +854,7 @@ def _no_sessions(now: dict[str, Any]) -> bool:
     return now["scur"] == 0
 
 
-def _drain_outcome(target: str, left: int, waited: float, all_workers: bool, **extra: Any) -> dict[str, Any]:
+def _drain_outcome(target: str, left: int, waited: float, all_workers: bool) -> dict[str, Any]:
     """What :py:func:`drain` returns."""
     return {
         "server": target,
@@ -869,7 +863,6 @@ def _drain_outcome(target: str, left: int, waited: float, all_workers: bool, **e
         "sessions_shut_down": 0,
         "waited": round(waited, 3),
         "all_workers": all_workers,
-        **extra,
     }
 
 
@@ -891,29 +884,15 @@ def _shut_down_what_is_left(
             _shutdown_sessions(master, pid, backend, server)
 
 
-def _has_server(backend: str, server: str, admin_socket: str | None, master_socket: str | None) -> bool:
-    """Whether a running HAProxy has the server (no socket answering: no)."""
-    try:
-        return f"{backend}/{server}" in servers(backend, False, admin_socket, master_socket)
-    except CommandExecutionError as exc:
-        log.debug("no HAProxy to ask about %s/%s: %s", backend, server, exc)
-        return False
-
-
 def ready(
     backend: str,
     server: str,
     timeout: float = 60,
     admin_socket: str | None = None,
     master_socket: str | None = None,
-    missing_ok: bool = False,
 ) -> dict[str, Any]:
     """
     Undo a drain: set the server ``ready`` and wait until it is ``UP`` after a check.
-
-    With ``missing_ok``, a server HAProxy does not have (yet), or no HAProxy
-    at all, is not an error (``'missing': True``): a new replica that the
-    next reload adds.
 
     CLI Example:
 
@@ -921,8 +900,6 @@ def ready(
 
         salt '*' haproxy_runtime.ready mtproxy mtproxy_1 timeout=30
     """
-    if missing_ok and not _has_server(backend, server, admin_socket, master_socket):
-        return {"server": f"{backend}/{server}", "missing": True}
     set_state(backend, server, "ready", admin_socket, master_socket)
     return wait_for(backend, server, "UP", timeout, admin_socket=admin_socket, master_socket=master_socket)
 
