@@ -126,7 +126,7 @@ def _mtg_config(cell: dict, replica: dict) -> str:
         "# The client address comes from HAProxy's PROXY protocol header.",
         f"proxy-protocol-listener = {'true' if cell['client_ip'] == 'proxy_protocol' else 'false'}",
         "# Beyond this, new clients are dropped: two open files each.",
-        f"concurrency = {max_connections(cell)}",
+        f"concurrency = {_max_connections(cell)}",
         "",
         "# Read by the cell exporter (mtproxy/exporter).",
         "[stats.prometheus]",
@@ -263,7 +263,7 @@ def _limits(cell: dict) -> dict[str, Any]:
     return {**DEFAULT_LIMITS, **(cell.get("replica_limits") or {})}
 
 
-def max_connections(cell: dict) -> int:
+def _max_connections(cell: dict) -> int:
     """Client connections a replica may hold: ``mtproxy:max_connections``, or
     what the container's open-files limit leaves (checked by :py:func:`check`)."""
     files_each = FLAVORS[cell["flavor"]].files_per_connection or 1
