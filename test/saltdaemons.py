@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from cell import failed
 from testhost import REPO, VENV_BIN, TestHost, TestHostError, _terminate
 
 EXAMPLES = REPO / "examples"
@@ -26,6 +27,15 @@ EXAMPLES = REPO / "examples"
 
 def example(name: str) -> dict:
     return yaml.safe_load((EXAMPLES / name).read_text())
+
+
+def state_results(returns: dict, minion: str) -> dict:
+    """``minion``'s state results from a ``salt``/``salt-ssh`` return; fails naming the states that failed."""
+    result = returns.get(minion)
+    assert isinstance(result, dict), f"{minion} returned no state results: {json.dumps(returns)[:5000]}"
+    bad = failed(result)
+    assert not bad, f"states failed on {minion}:\n" + json.dumps(bad, indent=1)[:20000]
+    return result
 
 
 class Daemon:

@@ -12,21 +12,11 @@ Apply wall times are printed (`-s` shows them), never asserted.
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from cell import assert_cell_serves, cell_pillar, changed, containers, failed, timed
-from saltdaemons import salt_cluster
+from cell import assert_cell_serves, cell_pillar, changed, containers, timed
+from saltdaemons import salt_cluster, state_results
 
 pytestmark = pytest.mark.integration
-
-
-def state_results(returns: dict, minion: str) -> dict:
-    result = returns.get(minion)
-    assert isinstance(result, dict), f"{minion} returned no state results: {json.dumps(returns)[:5000]}"
-    bad = failed(result)
-    assert not bad, f"states failed on {minion}:\n" + json.dumps(bad, indent=1)[:20000]
-    return result
 
 
 # -- master and minion --------------------------------------------------------
