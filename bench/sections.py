@@ -932,7 +932,7 @@ def vip(cell: Cell) -> dict:
         settings = {"enabled": True, "interface": segment.ifname, "addresses": addresses}
         pillars = [cell.pillar(vip=settings), held_clients_pillar(b, secret=cell.secret, vip=settings)]
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(apply, (a, b), pillars, ["mtproxy,mtproxy.vip"] * 2))
+            list(pool.map(apply, (a, b), pillars))
         wait_held(a, addresses[0]["address"])
         runs = vip_runs(cell, b, segment, addresses[0]["address"])
     finally:

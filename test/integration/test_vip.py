@@ -37,7 +37,8 @@ from testhost import Segment, TestHost
 
 pytestmark = pytest.mark.integration
 
-SLS = "mtproxy,mtproxy.vip"
+# mtproxy includes mtproxy.vip: vip:enabled is the one switch.
+SLS = "mtproxy"
 PASSWORD = "Vr7.pw-x"
 # A wide bound: the failover takes seconds (keepalived's check and adverts).
 BOUND = 30.0
