@@ -35,8 +35,8 @@ from typing import NamedTuple
 
 import pytest
 import yaml
-from cell import assert_cell_serves, cell_pillar, changed, containers, failed, host_snapshot, timed
-from saltdaemons import EXAMPLES, SaltMaster, Sshd, salt_ssh
+from cell import assert_cell_serves, cell_pillar, changed, containers, host_snapshot, timed
+from saltdaemons import EXAMPLES, SaltMaster, Sshd, salt_ssh, state_results
 from testhost import TestHost
 from wheelhouse import build as build_wheelhouse
 
@@ -50,14 +50,6 @@ def system_python_lacks_our_modules() -> None:
     for module in ("docker", "pyroute2", "saltext.dockermod"):
         probe = subprocess.run([SYSTEM_PYTHON, "-c", f"import {module}"], capture_output=True, check=False)
         assert probe.returncode != 0, f"{SYSTEM_PYTHON} can import {module}: the target would not be bare"
-
-
-def state_results(returns: dict, name: str) -> dict:
-    result = returns.get(name)
-    assert isinstance(result, dict), f"{name} returned no state results: {json.dumps(returns)[:5000]}"
-    bad = failed(result)
-    assert not bad, f"states failed on {name}:\n" + json.dumps(bad, indent=1)[:20000]
-    return result
 
 
 class Bare(NamedTuple):
