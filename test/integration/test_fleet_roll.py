@@ -30,6 +30,7 @@ from cell import (
     host_snapshot,
     replica_peers,
     servers,
+    timed,
 )
 from saltdaemons import salt_cluster
 from testhost import LINK_NETWORK, NETWORK
@@ -59,9 +60,8 @@ def fleet(make_testhost):
 def roll(master, *args: str) -> tuple[int, dict]:
     """``salt-run state.orchestrate mtproxy.orchestrate.rolling ARGS``: its exit code
     and its states by ID (each with ``__run_num__``, ``result``, ``comment``)."""
-    start = time.monotonic()
-    code, out = master.salt_run("state.orchestrate", ROLL, *args)
-    print(f"\n[wall time] roll {' '.join(args)}: {time.monotonic() - start:.1f} s (exit {code})")
+    code, out = timed(f"roll {' '.join(args)}", master.salt_run, "state.orchestrate", ROLL, *args)
+    print(f"  exit {code}")
     results = next(iter(out["data"].values()))
     assert isinstance(results, dict), json.dumps(out)[:5000]
     states = {v["__id__"]: v for v in results.values()}
